@@ -1,0 +1,41 @@
+"""The backend registry.
+
+A backend is a module exposing ``NAME`` and three plain functions, none of
+which touches autodiff (the single ``custom_vjp`` in `flash_jax.vjp` does):
+
+* ``check_supported(config, query, key, value)`` raises
+  ``NotImplementedError(reason)`` for a call it cannot take, so the dispatcher
+  can fall through to the next implementation;
+* ``forward(config, query, key, value, q_lengths, kv_lengths)`` returns
+  ``(out [B,T,N,Hv], lse [B,N,T] float32, natural log)``;
+* ``backward(config, query, key, value, q_lengths, kv_lengths, out, lse,
+  dout, dlse)`` returns ``(dq, dk, dv)``.
+
+Backends are imported on first use, so a backend whose Pallas lowering is
+missing or deprecated costs nothing until it is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_MODULES = {
+    "pallas_triton": "flash_jax.backends.pallas_triton",
+    "xla": "flash_jax.backends.xla",
+}
+
+
+def names() -> tuple[str, ...]:
+  """Registered backend names."""
+  return tuple(_MODULES)
+
+
+def get(name: str) -> ModuleType:
+  """The backend module registered under ``name``."""
+  try:
+    module_name = _MODULES[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown flash_jax backend {name!r}; registered: {names()}") from None
+  return importlib.import_module(module_name)

@@ -1,0 +1,63 @@
+"""The portable Pallas backend, written with Pallas' Triton lowering (sm80+).
+
+Pallas' Triton lowering is deprecated since JAX 0.11; everything that imports
+it lives in this package, reached only through the backend registry.
+"""
+
+from __future__ import annotations
+
+
+from flash_jax.config import AttentionConfig
+from flash_jax.backends.pallas_triton import backward as _backward
+from flash_jax.backends.pallas_triton import common as _common
+from flash_jax.backends.pallas_triton import forward as _forward
+
+NAME = "pallas_triton"
+MAX_HEAD_DIM = 256
+
+
+def _tiling(config: AttentionConfig, query, key):
+  padded = max(_common.MIN_BLOCK, _common.next_power_of_two(query.shape[-1]))
+  return _common.resolve_tiling(config.block_sizes, padded, query.shape[1],
+                                key.shape[1])
+
+
+def check_supported(config: AttentionConfig, query, key, value) -> None:
+  """Raises NotImplementedError(reason) if this backend cannot take the call."""
+  if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+    raise NotImplementedError(
+        f"{NAME} supports head dims up to {MAX_HEAD_DIM}, got "
+        f"{query.shape[-1]} (query/key) and {value.shape[-1]} (value)")
+  if not config.interpret:
+    from flash_jax import platform
+    reason = platform.triton_gpu_unsupported_reason()
+    if reason:
+      raise NotImplementedError(f"{NAME}: {reason} (pass interpret=True to run "
+                                "it in Pallas interpret mode)")
+
+
+def forward(config: AttentionConfig, query, key, value, q_lengths, kv_lengths):
+  """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
+  tiling = _tiling(config, query, key)
+  params = _common.kernel_params(config, query, key, value,
+                                 block_q=tiling.block_q,
+                                 block_kv=tiling.block_kv, tiling=tiling)
+  return _forward.forward(params, query, key, value, q_lengths, kv_lengths)
+
+
+def backward(config: AttentionConfig, query, key, value, q_lengths,
+             kv_lengths, out, lse, dout, dlse):
+  """Returns ``(dq, dk, dv)`` for cotangents ``dout`` and ``dlse``."""
+  tiling = _tiling(config, query, key)
+  params_dkv = _common.kernel_params(config, query, key, value,
+                                     block_q=tiling.block_q_dkv,
+                                     block_kv=tiling.block_kv_dkv,
+                                     tiling=tiling)
+  params_dq = _common.kernel_params(config, query, key, value,
+                                    block_q=tiling.block_q_dq,
+                                    block_kv=tiling.block_kv_dq,
+                                    tiling=tiling)
+  return _backward.backward(params_dkv, params_dq, query, key, value,
+                            q_lengths, kv_lengths, out, lse, dout, dlse)
+
+

@@ -1,0 +1,75 @@
+"""Static options: the one frozen, hashable dataclass every layer shares."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flash_jax.masks import MaskSpec
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling overrides for the Pallas kernels. Tuning only: no semantics.
+
+  Every field is optional; ``None`` keeps the backend's default. Block sizes
+  must be powers of two and at least 16 (the smallest tile Triton's matrix
+  instructions take). Sequence lengths need not be multiples of them: tails
+  are masked inside the kernels.
+
+  Attributes:
+    block_q, block_kv: forward kernel tile (query rows x key rows).
+    block_q_dkv, block_kv_dkv: dK/dV kernel tile.
+    block_q_dq, block_kv_dq: dQ kernel tile.
+    num_warps, num_stages: Triton launch options for all three kernels.
+  """
+
+  block_q: int | None = None
+  block_kv: int | None = None
+  block_q_dkv: int | None = None
+  block_kv_dkv: int | None = None
+  block_q_dq: int | None = None
+  block_kv_dq: int | None = None
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if value is None:
+        continue
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(
+            f"BlockSizes.{field.name} must be an int, got {value!r}")
+      if field.name.startswith("block"):
+        if not _is_power_of_two(value) or value < 16:
+          raise ValueError(
+              f"BlockSizes.{field.name} must be a power of two >= 16, got "
+              f"{value}")
+      elif value < 1:
+        raise ValueError(f"BlockSizes.{field.name} must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Every static option of one attention call.
+
+  It is the ``nondiff`` argument of the single ``custom_vjp`` and is passed
+  unchanged to a backend's ``forward`` and ``backward``.
+
+  Attributes:
+    mask: which (query, key) pairs attend (see `flash_jax.masks`).
+    scale: multiplier of the logits ``q . k``.
+    implementation: registered backend name (``"pallas_triton"``, ``"xla"``).
+    interpret: run Pallas kernels in interpret mode (CPU testing).
+    block_sizes: tiling overrides, or None for the backend's defaults.
+  """
+
+  mask: MaskSpec
+  scale: float
+  implementation: str
+  interpret: bool = False
+  block_sizes: BlockSizes | None = None

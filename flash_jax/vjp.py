@@ -1,0 +1,60 @@
+"""The one `jax.custom_vjp` every backend runs under."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.ad_checkpoint import checkpoint_name
+
+from flash_jax import backends
+from flash_jax.config import AttentionConfig
+
+# Names of the forward's residuals, for remat policies such as
+# ``jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)``: saving
+# them keeps a checkpointed backward from rerunning the forward kernel.
+OUTPUT_NAME = "flash_jax_output"
+LSE_NAME = "flash_jax_lse"
+RESIDUAL_NAMES = (OUTPUT_NAME, LSE_NAME)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _backend_forward(config: AttentionConfig, query, key, value, q_lengths,
+                     kv_lengths):
+  # Wrapped in jit so that an unused forward (the recompute inside a
+  # jax.checkpoint whose policy saved the residuals) is dead code that
+  # jaxpr-level DCE removes; a bare pallas_call is never DCE'd.
+  return backends.get(config.implementation).forward(
+      config, query, key, value, q_lengths, kv_lengths)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def flash_attention(config: AttentionConfig, query, key, value, q_lengths,
+                    kv_lengths):
+  """Attention on canonical (validated, 4-D) inputs: returns ``(out, lse)``.
+
+  ``lse`` is float32 ``[B, N, T]`` in natural log and is differentiable too.
+  Call `flash_jax.dot_product_attention` instead of this unless you have
+  already canonicalised the inputs.
+  """
+  return _backend_forward(config, query, key, value, q_lengths, kv_lengths)
+
+
+def _forward(config, query, key, value, q_lengths, kv_lengths):
+  out, lse = _backend_forward(config, query, key, value, q_lengths,
+                              kv_lengths)
+  out = checkpoint_name(out, OUTPUT_NAME)
+  lse = checkpoint_name(lse, LSE_NAME)
+  return (out, lse), (query, key, value, q_lengths, kv_lengths, out, lse)
+
+
+def _backward(config, residuals, cotangents):
+  query, key, value, q_lengths, kv_lengths, out, lse = residuals
+  dout, dlse = cotangents
+  dq, dk, dv = backends.get(config.implementation).backward(
+      config, query, key, value, q_lengths, kv_lengths, out, lse, dout, dlse)
+  # Sequence lengths are integers: no cotangent.
+  return dq, dk, dv, None, None
+
+
+flash_attention.defvjp(_forward, _backward)

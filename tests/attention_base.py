@@ -1,0 +1,222 @@
+"""The shared attention test base, run once per implementation.
+
+Subclasses set ``implementation``; the Pallas backends run in interpret mode
+on a CPU machine and as real kernels on a GPU (the default ``interpret``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from helpers import (Case, assert_flash_close, draw_inputs, max_abs_error,
+                     reference_grad_pair, reference_pair, vjp_triple)
+
+SIZES = [(1, 1), (17, 17), (97, 97), (128, 128), (113, 203), (203, 113),
+         (1023, 1024)]
+HEAD_DIMS = [40, 64, 111, 128, 256]
+HEADS = [(2, 2), (4, 2), (4, 1)]          # MHA, GQA, MQA
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _grid() -> list[Case]:
+  """Every (size, head dim) pair once; heads, dtype and causality rotate."""
+  cases = []
+  for i, ((t, s), h) in enumerate(itertools.product(SIZES, HEAD_DIMS)):
+    n, k = HEADS[i % len(HEADS)]
+    big = t * s >= 1023 * 1024
+    cases.append(Case(batch=1 if big else 2, q_seq=t, kv_seq=s,
+                      num_heads=2 if big else n, num_kv_heads=1 if big else k,
+                      head_dim=h, value_head_dim=h, is_causal=i % 2 == 0,
+                      dtype=DTYPES[i % len(DTYPES)]))
+  # Every dtype x causality x head layout at one awkward size.
+  for dtype, causal, (n, k) in itertools.product(DTYPES, (False, True), HEADS):
+    cases.append(Case(2, 97, 113, n, k, 64, 64, causal, dtype))
+  # Value head dim differing from the query/key head dim.
+  cases.append(Case(2, 65, 130, 4, 2, 96, 40, True, "bfloat16"))
+  cases.append(Case(1, 33, 17, 2, 1, 59, 200, False, "float32"))
+  return cases
+
+
+CASES = _grid()
+GRAD_CASES = [c for c in CASES if c.q_seq * c.kv_seq < 1023 * 1024
+              or c.head_dim <= 128]
+
+
+class AttentionTestBase:
+  """Correctness tests every implementation must pass."""
+
+  implementation: str
+
+  def attend(self, q, k, v, **kwargs):
+    return flash_jax.dot_product_attention(
+        q, k, v, implementation=self.implementation, **kwargs)
+
+  @pytest.mark.parametrize("case", CASES, ids=str)
+  def test_forward_matches_reference(self, rng, case):
+    q, k, v, _ = draw_inputs(rng, case)
+    out, lse = self.attend(q, k, v, is_causal=case.is_causal,
+                           return_residual=True)
+    assert out.shape == q.shape[:-1] + (case.value_head_dim,)
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert lse.shape == q.shape[:-1]
+    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
+        q, k, v, is_causal=case.is_causal, return_residual=True)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
+
+  @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
+  def test_gradients_match_reference(self, rng, case):
+    q, k, v, do = draw_inputs(rng, case)
+    fn = lambda *a: self.attend(*a, is_causal=case.is_causal)
+    _, grads = vjp_triple(fn, q, k, v, do)
+    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=case.is_causal)
+    for name, g, o, p, x in zip(("dq", "dk", "dv"), grads, oracle, plain,
+                                (q, k, v)):
+      assert g.shape == x.shape and g.dtype == x.dtype, name
+      assert_flash_close(g, o, p, factor=3, name=name)
+
+  @pytest.mark.parametrize("dtype", DTYPES)
+  @pytest.mark.parametrize("is_causal", [False, True])
+  def test_large_logits_do_not_overflow(self, rng, dtype, is_causal):
+    """Inputs scaled x5 give logits in the hundreds: exp must not overflow.
+
+    A backward that rebuilds P from a saved logsumexp carries a per-row
+    relative error of about eps * |lse| (the normaliser lives in the
+    exponent), where plain softmax divides by its sum with error eps. With
+    |lse| in the hundreds that matters in float32 only, so the gradient
+    floor there is eps * max|lse| of the gradient's scale.
+    """
+    case = Case(2, 113, 203, 4, 2, 64, 64, is_causal, dtype)
+    q, k, v, do = draw_inputs(rng, case, scale=5.0)
+    fn = lambda *a: self.attend(*a, is_causal=is_causal)
+    out, grads = vjp_triple(fn, q, k, v, do)
+    (ref_out, ref_lse), (plain_out, _) = reference_pair(
+        q, k, v, is_causal=is_causal, return_residual=True)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    lse_floor = 1e-5
+    if dtype == "float32":
+      lse_floor = max(lse_floor,
+                      float(jnp.finfo(jnp.float32).eps * np.abs(ref_lse).max()))
+    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=is_causal)
+    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
+      assert_flash_close(g, o, p, factor=3, name=name,
+                         relative_floor=lse_floor)
+
+  @pytest.mark.parametrize("is_causal", [False, True])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_padding_seq_lengths(self, rng, is_causal, dtype):
+    """Padded queries give 0 / -inf / zero gradients; padded keys are
+    ignored; a batch row with no keys at all is all zeros, never NaN."""
+    case = Case(4, 97, 130, 4, 2, 64, 48, is_causal, dtype)
+    q, k, v, do = draw_inputs(rng, case)
+    q_lengths = jnp.array([97, 50, 1, 0], jnp.int32)
+    kv_lengths = jnp.array([130, 64, 77, 0], jnp.int32)
+    kwargs = dict(is_causal=is_causal, query_seq_lengths=q_lengths,
+                  key_value_seq_lengths=kv_lengths)
+    fn = lambda *a: self.attend(*a, **kwargs, return_residual=True)
+    (out, lse), pull = jax.vjp(fn, q, k, v)
+    grads = pull((do, jnp.zeros_like(lse)))
+    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
+        q, k, v, return_residual=True, **kwargs)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
+    for b in range(case.batch):
+      assert not jnp.any(out[b, q_lengths[b]:]), "padded rows must be 0"
+      assert jnp.all(lse[b, q_lengths[b]:] == -jnp.inf)
+    assert not jnp.any(out[3]) and not jnp.any(grads[0][3])
+    assert not jnp.any(grads[1][1, 64:]) and not jnp.any(grads[2][1, 64:])
+    oracle, plain = reference_grad_pair(q, k, v, do, **kwargs)
+    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
+      assert_flash_close(g, o, p, factor=3, name=name)
+
+  def test_lse_is_differentiable(self, rng):
+    """A loss on lse (as in z-loss) gets the right gradient."""
+    case = Case(2, 97, 113, 4, 2, 64, 64, True, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    dlse = jax.random.normal(jax.random.fold_in(rng, 1), q.shape[:-1])
+
+    def loss(attend, q, k, v):
+      out, lse = attend(q, k, v, is_causal=True, return_residual=True)
+      return jnp.sum(out * do) + jnp.sum(lse * dlse)
+
+    grads = jax.grad(lambda *a: loss(self.attend, *a), argnums=(0, 1, 2))(
+        q, k, v)
+    expected = jax.grad(
+        lambda *a: loss(flash_jax.reference.dot_product_attention, *a),
+        argnums=(0, 1, 2))(q, k, v)
+    for name, g, e in zip(("dq", "dk", "dv"), grads, expected):
+      assert max_abs_error(g, e) <= 1e-5 * max(1.0, float(jnp.abs(e).max())), name
+
+  def test_bitwise_deterministic(self, rng):
+    case = Case(2, 203, 113, 4, 1, 64, 64, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    fn = jax.jit(lambda *a: vjp_triple(
+        lambda *b: self.attend(*b, is_causal=True), *a))
+    first = jax.tree.leaves(fn(q, k, v, do))
+    second = jax.tree.leaves(fn(q, k, v, do))
+    for a, b in zip(first, second):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_unbatched_inputs(self, rng):
+    """3-D (TNH) inputs work as in jax.nn."""
+    case = Case(1, 17, 33, 4, 2, 40, 40, True, "float32")
+    q, k, v, _ = draw_inputs(rng, case)
+    out, lse = self.attend(q[0], k[0], v[0], is_causal=True,
+                           return_residual=True)
+    assert out.shape == q.shape[1:] and lse.shape == q.shape[1:3]
+    expected = self.attend(q, k, v, is_causal=True)[0]
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+
+  def test_jit_and_vmap(self, rng):
+    case = Case(2, 65, 80, 2, 1, 32, 32, True, "float32")
+    q, k, v, _ = draw_inputs(rng, case)
+    fn = lambda q, k, v: self.attend(q, k, v, is_causal=True)
+    # vmap over an extra leading axis equals a Python loop.
+    stacked = [jnp.stack([x, x * 0.5]) for x in (q, k, v)]
+    batched = jax.jit(jax.vmap(fn))(*stacked)
+    for i in range(2):
+      np.testing.assert_allclose(batched[i], fn(*(x[i] for x in stacked)),
+                                 rtol=1e-6, atol=1e-6)
+
+  def test_checkpoint_policy_saves_residuals(self, rng):
+    """Under jax.checkpoint, saving RESIDUAL_NAMES keeps the backward from
+    rerunning the forward; saving nothing reruns it once."""
+    case = Case(2, 65, 80, 2, 1, 32, 32, True, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    loss = lambda q, k, v: jnp.sum(
+        jnp.sin(self.attend(q, k, v, is_causal=True)) * do)
+    expected = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    policies = {
+        1: jax.checkpoint_policies.save_only_these_names(
+            *flash_jax.RESIDUAL_NAMES),
+        2: jax.checkpoint_policies.nothing_saveable,
+    }
+    for forward_runs, policy in policies.items():
+      grad_fn = jax.grad(jax.checkpoint(loss, policy=policy), argnums=(0, 1, 2))
+      jaxpr = jax.make_jaxpr(grad_fn)(q, k, v).jaxpr
+      assert count_forward_calls(jaxpr) == forward_runs
+      for a, b in zip(expected, jax.jit(grad_fn)(q, k, v)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def count_forward_calls(jaxpr) -> int:
+  """Backend forward calls in a jaxpr, nested jaxprs included."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "jit" and eqn.params["name"] == "_backend_forward":
+      count += 1
+      continue
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          count += count_forward_calls(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          count += count_forward_calls(sub)
+  return count

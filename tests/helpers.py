@@ -1,0 +1,144 @@
+"""Input drawing and FlashAttention's error rule, shared by the test files."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flash_jax import api, reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One attention problem: shapes, dtype and causality."""
+
+  batch: int
+  q_seq: int
+  kv_seq: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  value_head_dim: int
+  is_causal: bool
+  dtype: str
+
+  def __str__(self):
+    kind = "causal" if self.is_causal else "full"
+    return (f"B{self.batch}-T{self.q_seq}-S{self.kv_seq}-N{self.num_heads}"
+            f"-K{self.num_kv_heads}-H{self.head_dim}-Hv{self.value_head_dim}"
+            f"-{kind}-{self.dtype}")
+
+
+def draw_inputs(rng, case: Case, scale: float = 1.0):
+  """Random normal query, key, value and output cotangent (never zeros)."""
+  dtype = jnp.dtype(case.dtype)
+  kq, kk, kv, kdo = jax.random.split(rng, 4)
+  q = jax.random.normal(kq, (case.batch, case.q_seq, case.num_heads,
+                             case.head_dim), jnp.float32) * scale
+  k = jax.random.normal(kk, (case.batch, case.kv_seq, case.num_kv_heads,
+                             case.head_dim), jnp.float32) * scale
+  v = jax.random.normal(kv, (case.batch, case.kv_seq, case.num_kv_heads,
+                             case.value_head_dim), jnp.float32)
+  do = jax.random.normal(kdo, (case.batch, case.q_seq, case.num_heads,
+                               case.value_head_dim), jnp.float32)
+  return tuple(x.astype(dtype) for x in (q, k, v, do))
+
+
+def max_abs_error(actual, expected) -> float:
+  """Max |actual - expected| over finite entries; inf where the -inf
+  pattern (empty rows) disagrees."""
+  actual = np.asarray(jnp.asarray(actual, jnp.float32), np.float64)
+  expected = np.asarray(expected, np.float64)
+  if np.isnan(actual).any():
+    return float("inf")
+  inf_a, inf_e = np.isinf(actual), np.isinf(expected)
+  if (inf_a != inf_e).any() or (actual[inf_a] != expected[inf_e]).any():
+    return float("inf")
+  finite = ~inf_e
+  if not finite.any():
+    return 0.0
+  return float(np.max(np.abs(actual[finite] - expected[finite])))
+
+
+def assert_flash_close(actual, oracle, plain, *, factor: float, name: str,
+                       relative_floor: float = 1e-5):
+  """FlashAttention's rule: ``err(actual) <= factor * err(plain) + floor``.
+
+  ``oracle`` is the reference computed in float64 (so that float32 inputs
+  get a meaningful plain error too), ``plain`` the same attention computed
+  plainly in the input dtype. The floor (``relative_floor`` of the oracle's
+  scale, 1e-5 by default) only matters where ``plain`` happens to be exact,
+  e.g. a single key, where the true gradient is 0 and both computations
+  return rounding noise.
+  """
+  err = max_abs_error(actual, oracle)
+  base = max_abs_error(plain, oracle)
+  expected = np.asarray(oracle, np.float64)
+  magnitude = np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0)
+  floor = relative_floor * max(1.0, float(magnitude))
+  assert err <= factor * base + floor, (
+      f"{name}: error {err:.3e} > {factor} x plain-dtype error {base:.3e} "
+      f"+ floor {floor:.1e}")
+
+
+def _float64(x):
+  return jnp.asarray(np.asarray(jnp.asarray(x, jnp.float32), np.float64))
+
+
+def _oracle_fn(q, k, v, kwargs):
+  """The reference in float64 on float64 copies, plus the call's finisher."""
+  kwargs = dict(kwargs)
+  return_residual = kwargs.pop("return_residual", False)
+  call = api.canonicalize(q, k, v, **kwargs)
+
+  def attend(q, k, v):
+    out, lse = reference.attention(
+        q, k, v, mask_spec=call.mask_spec, scale=call.scale,
+        q_lengths=call.q_lengths, kv_lengths=call.kv_lengths,
+        compute_dtype=jnp.float64)
+    return call.finish(out, lse.astype(jnp.float64), return_residual)
+
+  return call, attend
+
+
+def oracle(q, k, v, **kwargs):
+  """The float64 oracle of `flash_jax.dot_product_attention(q, k, v, ...)`."""
+  call, attend = _oracle_fn(q, k, v, kwargs)
+  with jax.enable_x64(True):
+    result = attend(*(_float64(x) for x in (call.query, call.key, call.value)))
+    result = jax.tree.map(np.asarray, result)
+  if not call.had_batch_dim:
+    raise ValueError("oracle expects batched inputs")
+  return result
+
+
+def oracle_grads(q, k, v, do, **kwargs):
+  """Gradients of the float64 oracle for output cotangent ``do``."""
+  _, attend = _oracle_fn(q, k, v, kwargs)
+  with jax.enable_x64(True):
+    _, grads = vjp_triple(attend, *(_float64(x) for x in (q, k, v, do)))
+    return tuple(np.asarray(g) for g in grads)
+
+
+def reference_pair(q, k, v, **kwargs):
+  """The float64 oracle and the plain same-dtype attention of one call."""
+  plain = reference.dot_product_attention(q, k, v, compute_dtype=q.dtype,
+                                          **kwargs)
+  return oracle(q, k, v, **kwargs), plain
+
+
+def vjp_triple(fn, q, k, v, do):
+  """``(out, (dq, dk, dv))`` of ``fn`` for output cotangent ``do``."""
+  out, pull = jax.vjp(fn, q, k, v)
+  return out, pull(do)
+
+
+def reference_grad_pair(q, k, v, do, **kwargs):
+  """Gradients of the float64 oracle and of the plain same-dtype attention."""
+  plain = vjp_triple(
+      lambda *a: reference.dot_product_attention(
+          *a, compute_dtype=q.dtype, **kwargs), q, k, v, do)[1]
+  return oracle_grads(q, k, v, do, **kwargs), plain

@@ -1,0 +1,143 @@
+"""Validation, dispatch and the reference oracle (implementation-independent)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from flash_jax import api
+from helpers import Case, draw_inputs
+
+B, T, S, N, K, H = 2, 17, 23, 4, 2, 40
+
+
+@pytest.fixture
+def qkv(rng):
+  q, k, v, _ = draw_inputs(rng, Case(B, T, S, N, K, H, H, False, "float32"))
+  return q, k, v
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda q, k, v: (q[0, 0], k, v), "must all be 4-D"),
+    (lambda q, k, v: (q[None], k[None], v[None]), "must all be 4-D"),
+    (lambda q, k, v: (q, k[0], v), "must all be 4-D"),
+    (lambda q, k, v: (q, k[:1], v[:1]), "batch sizes differ"),
+    (lambda q, k, v: (q, k, v[:, :5]), "agree in S and K"),
+    (lambda q, k, v: (q, k[..., :8], v), "head dims differ"),
+    (lambda q, k, v: (q[:, :, :3], k, v), "multiple of key/value heads"),
+    (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), "share one dtype"),
+    (lambda q, k, v: tuple(x.astype(jnp.int32) for x in (q, k, v)),
+     "float32, float16 or bfloat16"),
+    (lambda q, k, v: (q[:, :0], k, v), ">= 1"),
+    (lambda q, k, v: (jnp.zeros((B, T, N, 257)), jnp.ones((B, S, K, 257)),
+                      v), "head dim must be in"),
+    (lambda q, k, v: (q, k, jnp.ones((B, S, K, 300))), "value head dim"),
+])
+def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
+  with pytest.raises(ValueError, match=message):
+    flash_jax.dot_product_attention(*mutate(*qkv))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(query_seq_lengths=jnp.ones((B + 1,), jnp.int32)), r"shape \(B,\)"),
+    (dict(key_value_seq_lengths=jnp.ones((B, 1), jnp.int32)), r"shape \(B,\)"),
+    (dict(query_seq_lengths=jnp.ones((B,), jnp.float32)), "integer array"),
+    (dict(scale=float("nan")), "finite"),
+    (dict(scale="big"), "real number"),
+    (dict(is_causal="yes"), "is_causal must be a bool"),
+    (dict(implementation="flash"), "implementation must be"),
+    (dict(implementation=["xla", "triton"]), "implementation must be"),
+    (dict(implementation=[]), "implementation must be"),
+    (dict(interpret="no"), "interpret must be"),
+    (dict(block_sizes=(64, 64)), "block_sizes must be"),
+])
+def test_bad_arguments_raise_value_error(qkv, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    flash_jax.dot_product_attention(*qkv, **kwargs)
+
+
+def test_traced_scale_is_rejected(qkv):
+  with pytest.raises(ValueError, match="static Python number"):
+    jax.jit(lambda s: flash_jax.dot_product_attention(*qkv, scale=s))(0.5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("block_q", 48), ("block_kv", 8), ("block_q_dq", 0), ("num_warps", 0),
+    ("block_kv_dkv", 64.0)])
+def test_bad_block_sizes(field, value):
+  with pytest.raises(ValueError, match=field):
+    flash_jax.BlockSizes(**{field: value})
+
+
+@pytest.mark.parametrize("feature", ["bias", "mask", "local_window_size"])
+def test_unimplemented_features_are_not_ignored(qkv, feature):
+  value = 3 if feature == "local_window_size" else jnp.ones((B, N, T, S))
+  with pytest.raises(NotImplementedError, match="masks, bias, segment ids"):
+    flash_jax.dot_product_attention(*qkv, **{feature: value})
+
+
+def test_fallthrough_lists_every_reason(qkv, monkeypatch):
+  """A named implementation that cannot run is skipped; if none can, the
+  error lists each one's reason."""
+  monkeypatch.setattr(flash_jax.platform, "compute_capability", lambda: None)
+  q, k, v = qkv
+  out = flash_jax.dot_product_attention(
+      q, k, v, implementation=["cudnn", "xla"])
+  expected = flash_jax.dot_product_attention(q, k, v, implementation="xla")
+  np.testing.assert_array_equal(out, expected)
+  with pytest.raises(NotImplementedError) as info:
+    flash_jax.dot_product_attention(q, k, v, implementation=[
+        "cudnn", "pallas_triton"], interpret=False)
+  assert "cudnn: cudnn needs an NVIDIA GPU" in str(info.value)
+  assert "pallas_triton: pallas_triton: needs an NVIDIA GPU" in str(info.value)
+
+
+def test_auto_implementation_on_cpu_is_xla(qkv, monkeypatch):
+  """With no GPU, implementation=None runs the XLA reference, not the
+  Pallas interpreter."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("checks the CPU default")
+  chosen = []
+  original = api.AttentionConfig
+
+  def record(**kwargs):
+    chosen.append(kwargs["implementation"])
+    return original(**kwargs)
+
+  monkeypatch.setattr(api, "AttentionConfig", record)
+  flash_jax.dot_product_attention(*qkv)
+  assert chosen == ["pallas_triton", "xla"]
+  # pallas_triton was configured, rejected (no GPU, no interpret), then xla.
+
+
+def test_reference_matches_jax_nn(qkv):
+  """The oracle agrees with jax.nn wherever jax.nn's semantics coincide."""
+  q, k, v = qkv
+  q_lengths = jnp.array([T, 5], jnp.int32)
+  kv_lengths = jnp.array([S, 9], jnp.int32)
+  for causal in (False, True):
+    kwargs = dict(is_causal=causal, query_seq_lengths=q_lengths,
+                  key_value_seq_lengths=kv_lengths)
+    ours = flash_jax.reference.dot_product_attention(q, k, v, **kwargs)
+    theirs = jax.nn.dot_product_attention(q, k, v, implementation="xla",
+                                          **kwargs)
+    np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5)
+    ours_lse = flash_jax.reference.dot_product_attention(
+        q, k, v, return_residual=True, is_causal=causal)[1]
+    theirs_lse = jax.nn.dot_product_attention(
+        q, k, v, implementation="xla", return_residual=True,
+        is_causal=causal)[1]
+    np.testing.assert_allclose(ours_lse, theirs_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_is_causal_is_top_left(rng):
+  """Query i sees keys 0..i even when T != S (jax.nn's convention)."""
+  q, k, v, _ = draw_inputs(rng, Case(1, 3, 5, 1, 1, 16, 16, True, "float32"))
+  out = flash_jax.dot_product_attention(q, k, v, is_causal=True)
+  # Row 0 sees only key 0, so it returns value 0 exactly.
+  np.testing.assert_allclose(out[0, 0, 0], v[0, 0, 0], rtol=1e-6)
+  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
