@@ -5,7 +5,8 @@
 #
 #   bash scripts/gpu_check.sh [benchmark-set ...]      (default: foundation)
 #
-# FLASH_JAX_PYTEST_ARGS adds pytest arguments (e.g. "-x -k Triton").
+# FLASH_JAX_TESTS picks test paths (default: tests) and FLASH_JAX_PYTEST_ARGS
+# adds pytest arguments (e.g. "-n 12 -x").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -22,7 +23,8 @@ sets=("$@")
 } 2>&1 | tee "$out/environment.txt"
 
 # shellcheck disable=SC2086
-"$python" -m pytest tests -q -p no:cacheprovider ${FLASH_JAX_PYTEST_ARGS:-} \
+"$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=10 \
+  ${FLASH_JAX_PYTEST_ARGS:-} \
   2>&1 | tee "$out/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 

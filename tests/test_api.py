@@ -122,14 +122,16 @@ def test_reference_matches_jax_nn(qkv):
     kwargs = dict(is_causal=causal, query_seq_lengths=q_lengths,
                   key_value_seq_lengths=kv_lengths)
     ours = flash_jax.reference.dot_product_attention(q, k, v, **kwargs)
-    theirs = jax.nn.dot_product_attention(q, k, v, implementation="xla",
-                                          **kwargs)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+      theirs = jax.nn.dot_product_attention(q, k, v, implementation="xla",
+                                            **kwargs)
     np.testing.assert_allclose(ours, theirs, rtol=2e-5, atol=2e-5)
     ours_lse = flash_jax.reference.dot_product_attention(
         q, k, v, return_residual=True, is_causal=causal)[1]
-    theirs_lse = jax.nn.dot_product_attention(
-        q, k, v, implementation="xla", return_residual=True,
-        is_causal=causal)[1]
+    with jax.default_matmul_precision("highest"):
+      theirs_lse = jax.nn.dot_product_attention(
+          q, k, v, implementation="xla", return_residual=True,
+          is_causal=causal)[1]
     np.testing.assert_allclose(ours_lse, theirs_lse, rtol=2e-5, atol=2e-5)
 
 
@@ -139,5 +141,6 @@ def test_is_causal_is_top_left(rng):
   out = flash_jax.dot_product_attention(q, k, v, is_causal=True)
   # Row 0 sees only key 0, so it returns value 0 exactly.
   np.testing.assert_allclose(out[0, 0, 0], v[0, 0, 0], rtol=1e-6)
-  expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
