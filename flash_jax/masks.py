@@ -69,14 +69,24 @@ def _split(lo, hi, full_lo, full_hi, block: int) -> BlockRange:
 
   `[lo, hi)` is the element range holding any attended element and
   `[full_lo, full_hi)` the element range attended by every row of the
-  other side's block.
+  other side's block. Either may be empty or reach past the array.
   """
+  lo = _max(lo, 0)
+  hi = _max(hi, lo)
   block_lo = lo // block
   block_hi = _max(block_lo, cdiv(hi, block))
-  # Blocks entirely inside [full_lo, full_hi).
+  # Blocks entirely inside [full_lo, full_hi) (and inside [lo, hi)).
+  full_lo = _max(full_lo, lo)
+  full_hi = _min(full_hi, hi)
   full_block_lo = _min(_max(cdiv(full_lo, block), block_lo), block_hi)
   full_block_hi = _max(_min(full_hi // block, block_hi), full_block_lo)
   return BlockRange(block_lo, full_block_lo, full_block_hi, block_hi)
+
+
+def _where(cond, if_true, if_false):
+  if isinstance(cond, bool):
+    return if_true if cond else if_false
+  return jnp.where(cond, if_true, if_false)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +94,57 @@ class MaskSpec:
   """Static description of which (query, key) pairs attend.
 
   Attributes:
-    is_causal: query ``i`` attends key ``j`` only if ``j <= i`` (top-left).
+    is_causal: query ``i`` attends key ``j`` only if ``j <= i + offset``.
+    diagonal_offset: where the causal diagonal and window centre sit: 0 is
+      top-left alignment (``jax.nn``: query ``i`` is aligned with key
+      ``i``); ``S - T`` is bottom-right alignment (FlashAttention: the last
+      query is aligned with the last key).
+    window_left, window_right: a local window: query ``i`` attends keys in
+      ``[i + offset - window_left, i + offset + window_right]``; None leaves
+      that side unbounded.
+    mask_fn: an optional jnp-traceable predicate ``mask_fn(batch, head,
+      q_idx, kv_idx) -> bool`` (True = attend), evaluated element-wise. It
+      cannot skip blocks by itself: block skipping for it comes from a
+      block map.
 
   Dynamic parts of the mask (per-batch ``q_len`` / ``kv_len`` from the
-  padding sequence lengths) are passed to the methods as arguments.
+  padding sequence lengths, segment ids, a dense boolean mask) are passed to
+  the methods as arguments.
   """
 
   is_causal: bool = False
+  diagonal_offset: int = 0
+  window_left: int | None = None
+  window_right: int | None = None
+  mask_fn: Any = None
 
-  def allows(self, q_idx, kv_idx, kv_len):
+  def _reach(self) -> tuple[int | None, int | None]:
+    """How far left/right of the aligned diagonal a query sees (None = all)."""
+    right = self.window_right
+    if self.is_causal:
+      right = 0 if right is None else min(right, 0)
+    return self.window_left, right
+
+  def allows(self, q_idx, kv_idx, kv_len, *, q_segment=None, kv_segment=None,
+             batch=None, head=None):
     """Element-wise mask: True where query ``q_idx`` attends key ``kv_idx``.
 
-    ``q_idx`` and ``kv_idx`` broadcast against each other; ``kv_len`` is the
-    number of valid keys (padding mask). Query padding is handled by the
-    callers (padded query rows are zeroed), not here.
+    Arguments broadcast against each other; ``kv_len`` is the number of
+    valid keys (padding mask). Segment ids, when given, must be equal.
+    ``batch``/``head`` indices are needed only with a ``mask_fn``. Query
+    padding is handled by the callers (padded query rows are zeroed).
     """
     allowed = kv_idx < kv_len
-    if self.is_causal:
-      allowed = allowed & (kv_idx <= q_idx)
+    left, right = self._reach()
+    diagonal = q_idx + self.diagonal_offset
+    if right is not None:
+      allowed = allowed & (kv_idx <= diagonal + right)
+    if left is not None:
+      allowed = allowed & (kv_idx >= diagonal - left)
+    if q_segment is not None:
+      allowed = allowed & (q_segment == kv_segment)
+    if self.mask_fn is not None:
+      allowed = allowed & self.mask_fn(batch, head, q_idx, kv_idx)
     return allowed
 
   def kv_block_range(self, q_start, q_stop, q_len, kv_len, block_kv: int
@@ -115,19 +158,18 @@ class MaskSpec:
       block_kv: key block size.
     """
     q_stop = _min(q_stop, q_len)
-    lo, hi = 0, kv_len
-    full_lo, full_hi = 0, kv_len
-    if self.is_causal:
-      hi = _min(hi, q_stop)          # the last query sees keys <= q_stop - 1
-      full_hi = _min(full_hi, q_start + 1)  # the first query sees <= q_start
+    left, right = self._reach()
+    first, last = q_start + self.diagonal_offset, q_stop - 1 + \
+        self.diagonal_offset
+    lo, hi, full_lo, full_hi = 0, kv_len, 0, kv_len
+    if right is not None:
+      hi = _min(hi, last + right + 1)           # the last row reaches furthest
+      full_hi = _min(full_hi, first + right + 1)  # the first row the least
+    if left is not None:
+      lo = first - left
+      full_lo = last - left
     # A query block with no valid row attends nothing.
-    hi = _max(_min(hi, kv_len), 0)
-    empty = q_stop <= q_start
-    if isinstance(empty, bool):
-      if empty:
-        hi = lo
-    else:
-      hi = jnp.where(empty, lo, hi)
+    hi = _where(q_stop <= q_start, lo, hi)
     return _split(lo, hi, full_lo, full_hi, block_kv)
 
   def q_block_range(self, kv_start, kv_stop, q_len, kv_len, block_q: int
@@ -137,21 +179,16 @@ class MaskSpec:
     The full sub-range holds query blocks that attend every key of the block;
     a key block that straddles ``kv_len`` has none.
     """
-    lo, hi = 0, q_len
-    full_lo, full_hi = 0, q_len
-    if self.is_causal:
-      lo = _min(kv_start, q_len)     # query kv_start is the first to see it
-      full_lo = kv_stop - 1          # queries >= kv_stop - 1 see all of it
-    straddles = kv_stop > kv_len
-    if isinstance(straddles, bool):
-      if straddles:
-        full_lo = full_hi = 0
-    else:
-      full_hi = jnp.where(straddles, 0, full_hi)
-    no_keys = kv_start >= kv_len
-    if isinstance(no_keys, bool):
-      if no_keys:
-        hi = lo
-    else:
-      hi = jnp.where(no_keys, lo, hi)
+    left, right = self._reach()
+    first, last = kv_start - self.diagonal_offset, kv_stop - 1 - \
+        self.diagonal_offset
+    lo, hi, full_lo, full_hi = 0, q_len, 0, q_len
+    if right is not None:
+      lo = first - right          # query i sees key j iff i >= j - off - right
+      full_lo = last - right
+    if left is not None:
+      hi = _min(hi, last + left + 1)  # ... and i <= j - off + left
+      full_hi = _min(full_hi, first + left + 1)
+    full_hi = _where(kv_stop > kv_len, full_lo, full_hi)
+    hi = _where(kv_start >= kv_len, lo, hi)
     return _split(lo, hi, full_lo, full_hi, block_q)
