@@ -4,10 +4,11 @@ The public function `dot_product_attention` is a drop-in for
 `jax.nn.dot_product_attention` (same argument names, BTNH layout).
 """
 
-from flash_jax import reference
+from flash_jax import dropout, reference
 from flash_jax.api import dot_product_attention
 from flash_jax.config import AttentionConfig, BlockSizes
-from flash_jax.masks import MaskSpec
+from flash_jax.dropout import keep_mask as dropout_keep_mask
+from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import LSE_NAME, OUTPUT_NAME, RESIDUAL_NAMES
 
 __version__ = "0.1.0"
@@ -16,9 +17,12 @@ __all__ = [
     "AttentionConfig",
     "BlockSizes",
     "LSE_NAME",
+    "MaskArrays",
     "MaskSpec",
     "OUTPUT_NAME",
     "RESIDUAL_NAMES",
     "dot_product_attention",
+    "dropout",
+    "dropout_keep_mask",
     "reference",
 ]

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax import backends, platform
+from flash_jax import backends, dropout, platform
 from flash_jax.config import AttentionConfig, BlockSizes
-from flash_jax.masks import MaskSpec
+from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import flash_attention
 
 MAX_HEAD_DIM = 256
@@ -26,24 +27,20 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
 IMPLEMENTATIONS = ("pallas_triton", "xla", "cudnn")
 # What implementation=None tries, in order.
 AUTO_ORDER = ("pallas_triton", "xla")
-
-_MASKS_FEATURE = ("is not supported yet: it arrives with the full attention "
-                  "semantics (masks, bias, segment ids, sliding window) "
-                  "feature; it is never silently ignored")
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 @dataclasses.dataclass(frozen=True)
 class CanonicalCall:
-  """A validated call: 4-D operands plus the static mask and scale."""
+  """A validated call: 4-D operands, the dynamic mask arrays and the static
+  semantics (``config``, whose implementation is filled in at dispatch)."""
 
   query: jax.Array        # [B, T, N, H]
   key: jax.Array          # [B, S, K, H]
   value: jax.Array        # [B, S, K, Hv]
-  q_lengths: jax.Array | None
-  kv_lengths: jax.Array | None
-  mask_spec: MaskSpec
-  scale: float
-  is_causal: bool
+  bias: jax.Array | None  # 4-D, broadcastable to [B, N, T, S]
+  arrays: MaskArrays
+  config: AttentionConfig
   had_batch_dim: bool
 
   def finish(self, out, lse, return_residual: bool):
@@ -67,6 +64,19 @@ def _as_array(x, name: str) -> jax.Array:
     raise ValueError(f"{name} must be an array, got {type(x).__name__}") from e
 
 
+def _static_number(value, name: str) -> float:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(f"{name} must be a static Python number, not a traced "
+                     "value (it is compiled into the kernels)")
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a real number, got {value!r}") from None
+  if not math.isfinite(number):
+    raise ValueError(f"{name} must be finite, got {number}")
+  return number
+
+
 def _check_lengths(lengths, name: str, batch: int):
   if lengths is None:
     return None
@@ -79,35 +89,66 @@ def _check_lengths(lengths, name: str, batch: int):
   return lengths.astype(jnp.int32)
 
 
-def _check_scale(scale, head_dim: int) -> float:
-  if scale is None:
-    return 1.0 / math.sqrt(head_dim)
-  if isinstance(scale, jax.core.Tracer):
-    raise ValueError("scale must be a static Python number, not a traced "
-                     "value (it is compiled into the kernels)")
-  try:
-    value = float(scale)
-  except (TypeError, ValueError):
-    raise ValueError(f"scale must be a real number, got {scale!r}") from None
-  if not math.isfinite(value):
-    raise ValueError(f"scale must be finite, got {value}")
-  return value
+def _check_broadcastable(x, name: str, full: tuple[int, ...], had_batch: bool):
+  """A bias or mask: at most 4-D, each dim 1 or the full ``[B, N, T, S]``."""
+  if x.ndim > 4:
+    raise ValueError(f"{name} must have at most 4 dims, got shape {x.shape}")
+  x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+  if any(d not in (1, f) for d, f in zip(x.shape, full)):
+    shape = full if had_batch else full[1:]
+    raise ValueError(
+        f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
+        f"{shape}")
+  return x
+
+
+def _check_segment_ids(q_ids, kv_ids, batch, q_seq, kv_seq, had_batch):
+  if q_ids is None and kv_ids is None:
+    return None, None
+  if q_ids is None or kv_ids is None:
+    raise ValueError("query_segment_ids and kv_segment_ids must be given "
+                     "together")
+  result = []
+  for name, ids, seq in (("query_segment_ids", q_ids, q_seq),
+                         ("kv_segment_ids", kv_ids, kv_seq)):
+    ids = _as_array(ids, name)
+    if not had_batch and ids.ndim == 1:
+      ids = ids[None]
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array, got {ids.dtype}")
+    if ids.shape != (batch, seq):
+      raise ValueError(f"{name} must have shape {(batch, seq)}, got "
+                       f"{ids.shape}")
+    result.append(ids.astype(jnp.int32))
+  return tuple(result)
+
+
+def _check_window(window) -> tuple[int, int] | None:
+  if window is None:
+    return None
+  pair = (window, window) if isinstance(window, (int, np.integer)) else window
+  if (not isinstance(pair, (tuple, list)) or len(pair) != 2 or
+      not all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
+              and w >= 0 for w in pair)):
+    raise ValueError(
+        "local_window_size must be a non-negative int or a (left, right) "
+        f"pair of them, got {window!r}")
+  return int(pair[0]), int(pair[1])
 
 
 def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
                  is_causal=False, query_seq_lengths=None,
-                 key_value_seq_lengths=None, local_window_size=None
-                 ) -> CanonicalCall:
-  """Validates `dot_product_attention`'s arguments; returns a CanonicalCall.
+                 key_value_seq_lengths=None, local_window_size=None,
+                 query_segment_ids=None, kv_segment_ids=None,
+                 causal_alignment="top_left", mask_fn=None,
+                 logits_soft_cap=None, dropout_rate=0.0, dropout_rng=None,
+                 broadcast_dropout=False) -> CanonicalCall:
+  """Validates `dot_product_attention`'s semantic arguments.
 
   Raises:
-    ValueError: for any malformed argument (rank, shapes, dtypes, lengths).
-    NotImplementedError: for a feature flash_jax does not implement yet.
+    ValueError: for any malformed argument (rank, shapes, dtypes, lengths,
+      masks, window, soft-cap, dropout).
   """
-  for name, feature in (("bias", bias), ("mask", mask),
-                        ("local_window_size", local_window_size)):
-    if feature is not None:
-      raise NotImplementedError(f"{name} {_MASKS_FEATURE}")
   query = _as_array(query, "query")
   key = _as_array(key, "key")
   value = _as_array(value, "value")
@@ -154,16 +195,65 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
           f"{shapes}")
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+  if causal_alignment not in CAUSAL_ALIGNMENTS:
+    raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
+                     f"got {causal_alignment!r}")
+  if mask_fn is not None and not callable(mask_fn):
+    raise ValueError(f"mask_fn must be callable, got {mask_fn!r}")
 
-  return CanonicalCall(
-      query=query, key=key, value=value,
+  full = (batch, num_heads, q_seq, kv_seq)
+  if bias is not None:
+    bias = _as_array(bias, "bias")
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+      raise ValueError(f"bias must be a floating array, got {bias.dtype}")
+    bias = _check_broadcastable(bias, "bias", full, had_batch_dim)
+  if mask is not None:
+    mask = _as_array(mask, "mask")
+    if mask.dtype != jnp.bool_:
+      raise ValueError(f"mask must be a boolean array (True = attend), got "
+                       f"{mask.dtype}; pass an additive mask as bias")
+    mask = _check_broadcastable(mask, "mask", full, had_batch_dim)
+  q_segments, kv_segments = _check_segment_ids(
+      query_segment_ids, kv_segment_ids, batch, q_seq, kv_seq, had_batch_dim)
+  window = _check_window(local_window_size)
+
+  if logits_soft_cap is not None:
+    logits_soft_cap = _static_number(logits_soft_cap, "logits_soft_cap")
+    if logits_soft_cap <= 0:
+      raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
+  dropout_rate = _static_number(dropout_rate, "dropout_rate")
+  if not 0.0 <= dropout_rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  seed = None
+  if dropout_rate > 0:
+    if dropout_rng is None:
+      raise ValueError("dropout_rate > 0 needs a dropout_rng (a JAX PRNG key)")
+    try:
+      seed = dropout.seed_words(dropout_rng)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"dropout_rng must be a JAX PRNG key: {e}") from e
+
+  scale = (1.0 / math.sqrt(head_dim) if scale is None
+           else _static_number(scale, "scale"))
+  spec = MaskSpec(
+      is_causal=bool(is_causal),
+      diagonal_offset=(kv_seq - q_seq if causal_alignment == "bottom_right"
+                       else 0),
+      window_left=None if window is None else window[0],
+      window_right=None if window is None else window[1],
+      mask_fn=mask_fn)
+  config = AttentionConfig(
+      mask=spec, scale=scale, implementation="", logits_soft_cap=logits_soft_cap,
+      dropout_rate=dropout_rate, dropout_broadcast=bool(broadcast_dropout))
+  arrays = MaskArrays(
       q_lengths=_check_lengths(query_seq_lengths, "query_seq_lengths", batch),
       kv_lengths=_check_lengths(key_value_seq_lengths,
                                 "key_value_seq_lengths", batch),
-      mask_spec=MaskSpec(is_causal=bool(is_causal)),
-      scale=_check_scale(scale, head_dim),
-      is_causal=bool(is_causal),
-      had_batch_dim=had_batch_dim)
+      mask=mask, q_segment_ids=q_segments, kv_segment_ids=kv_segments,
+      dropout_seed=seed)
+  return CanonicalCall(query=query, key=key, value=value, bias=bias,
+                       arrays=arrays, config=config,
+                       had_batch_dim=had_batch_dim)
 
 
 def _implementation_order(implementation) -> tuple[tuple[str, ...], bool]:
@@ -182,19 +272,31 @@ def _implementation_order(implementation) -> tuple[tuple[str, ...], bool]:
 
 def _run_cudnn(call: CanonicalCall, return_residual: bool):
   """Passes the call to `jax.nn.dot_product_attention(implementation="cudnn")`."""
+  config, arrays = call.config, call.arrays
   if platform.compute_capability() is None:
     raise NotImplementedError("cudnn needs an NVIDIA GPU")
   if jnp.dtype(call.query.dtype) == jnp.float32:
     raise NotImplementedError("cudnn takes float16 and bfloat16 only")
   if call.value.shape[-1] != call.query.shape[-1]:
     raise NotImplementedError("cudnn needs equal query and value head dims")
+  unsupported = [name for name, used in (
+      ("segment ids", arrays.q_segment_ids is not None),
+      ("mask_fn", config.mask.mask_fn is not None),
+      ("logits_soft_cap", config.logits_soft_cap is not None),
+      ("dropout", config.dropout_rate > 0),
+      ("bottom-right alignment", config.mask.diagonal_offset != 0),
+      ("local_window_size", config.mask.window_left is not None)) if used]
+  if unsupported:
+    raise NotImplementedError(
+        f"flash_jax does not pass {', '.join(unsupported)} to cudnn")
   try:
     result = jax.nn.dot_product_attention(
-        call.query, call.key, call.value, scale=call.scale,
-        is_causal=call.is_causal, query_seq_lengths=call.q_lengths,
-        key_value_seq_lengths=call.kv_lengths, implementation="cudnn",
+        call.query, call.key, call.value, bias=call.bias, mask=arrays.mask,
+        scale=config.scale, is_causal=config.mask.is_causal,
+        query_seq_lengths=arrays.q_lengths,
+        key_value_seq_lengths=arrays.kv_lengths, implementation="cudnn",
         return_residual=return_residual)
-  except (ValueError, RuntimeError, NotImplementedError) as e:
+  except (ValueError, RuntimeError, NotImplementedError, TypeError) as e:
     raise NotImplementedError(f"cuDNN rejected the call: {e}") from e
   if return_residual:
     out, lse = result
@@ -208,23 +310,30 @@ def dot_product_attention(
     key_value_seq_lengths=None,
     local_window_size: int | tuple[int, int] | None = None,
     implementation: str | Sequence[str] | None = None,
-    return_residual: bool = False, interpret: bool | None = None,
+    return_residual: bool = False,
+    query_segment_ids=None, kv_segment_ids=None,
+    causal_alignment: str = "top_left",
+    mask_fn: Callable | None = None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0, dropout_rng=None,
+    broadcast_dropout: bool = False,
+    interpret: bool | None = None,
     block_sizes: BlockSizes | None = None) -> Any:
   """Exact attention computed tile by tile: a drop-in for
   `jax.nn.dot_product_attention`.
 
-  Memory is O(T + S) per head: the ``[T, S]`` scores are never materialised
-  (except by ``implementation="xla"``, the reference).
+  Memory is O(T + S) per head in the Pallas kernels: the ``[T, S]`` scores
+  are never materialised (``implementation="xla"``, the reference, does).
 
   Args:
     query: ``[B, T, N, H]`` (or ``[T, N, H]``).
     key: ``[B, S, K, H]`` (or ``[S, K, H]``); ``N % K == 0`` (GQA/MQA).
     value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
-    bias, mask, local_window_size: not supported yet; passing one raises
-      NotImplementedError rather than being ignored.
+    bias: additive bias broadcastable to ``[B, N, T, S]``; differentiable.
+    mask: boolean mask broadcastable to ``[B, N, T, S]`` (True = attend).
     scale: logits multiplier; default ``1 / sqrt(H)``. A static number.
-    is_causal: top-left causal mask, as in ``jax.nn``: query ``i`` sees keys
-      ``0..i``::
+    is_causal: causal mask. Aligned top-left by default, as in ``jax.nn``:
+      query ``i`` sees keys ``0..i``::
 
           T=3, S=5   k0 k1 k2 k3 k4
           q0          x  .  .  .  .
@@ -234,14 +343,34 @@ def dot_product_attention(
     query_seq_lengths: int ``[B]``; query rows at or past it are padding and
       give output 0 (and lse -inf, zero gradients).
     key_value_seq_lengths: int ``[B]``; keys at or past it are ignored.
+    local_window_size: ``w`` or ``(left, right)``: query ``i`` attends keys
+      ``i - left .. i + right`` (relative to the aligned diagonal), as in
+      ``jax.nn``.
     implementation: None (auto: the Pallas kernel on an NVIDIA sm80+ GPU,
-      the XLA reference elsewhere), ``"pallas_triton"``, ``"xla"``,
+      the XLA reference elsewhere or for what the kernel does not support
+      yet, with a warning on a GPU), ``"pallas_triton"``, ``"xla"``,
       ``"cudnn"`` (`jax.nn`'s cuDNN path), or a sequence tried in order:
       one that cannot take the call raises NotImplementedError internally
       and the next is tried; if none can, one NotImplementedError lists every
       reason.
     return_residual: also return the logsumexp ``[B, T, N]`` (float32,
       natural log), as `jax.nn` does.
+    query_segment_ids, kv_segment_ids: int ``[B, T]`` / ``[B, S]`` (packed
+      documents): a query attends only keys with its segment id.
+    causal_alignment: ``"top_left"`` (default, ``jax.nn``) or
+      ``"bottom_right"`` (FlashAttention: the last query sees the last key;
+      for chunked prefill and decode with ``T < S``). Applies to
+      ``is_causal`` and ``local_window_size``.
+    mask_fn: a jnp-traceable predicate ``mask_fn(batch, head, q_idx,
+      kv_idx) -> bool`` (True = attend) on broadcasting index arrays.
+    logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``
+      after scale and bias.
+    dropout_rate: probability of dropping each attention probability (after
+      normalisation; kept ones are scaled by ``1 / (1 - rate)``; lse is not
+      dropped). Needs ``dropout_rng``. The mask is
+      `flash_jax.dropout.keep_mask`.
+    dropout_rng: a JAX PRNG key.
+    broadcast_dropout: use one dropout mask for every batch row and head.
     interpret: run Pallas kernels in Pallas interpret mode. Default: True
       when no GPU is present and a Pallas implementation was named
       explicitly, so ``implementation="pallas_triton"`` works on CPU.
@@ -257,7 +386,11 @@ def dot_product_attention(
       query, key, value, bias=bias, mask=mask, scale=scale,
       is_causal=is_causal, query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      local_window_size=local_window_size)
+      local_window_size=local_window_size,
+      query_segment_ids=query_segment_ids, kv_segment_ids=kv_segment_ids,
+      causal_alignment=causal_alignment, mask_fn=mask_fn,
+      logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate,
+      dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
   names, explicit = _implementation_order(implementation)
   if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
     raise ValueError(f"interpret must be None or a bool, got {interpret!r}")
@@ -272,16 +405,19 @@ def dot_product_attention(
     try:
       if name == "cudnn":
         return _run_cudnn(call, return_residual)
-      config = AttentionConfig(mask=call.mask_spec, scale=call.scale,
-                               implementation=name, interpret=bool(interpret),
-                               block_sizes=block_sizes)
+      config = dataclasses.replace(call.config, implementation=name,
+                                   interpret=bool(interpret),
+                                   block_sizes=block_sizes)
       backends.get(name).check_supported(config, call.query, call.key,
-                                         call.value)
+                                         call.value, call.bias, call.arrays)
     except NotImplementedError as e:
       reasons.append(f"{name}: {e}")
       continue
+    if reasons and not explicit and platform.compute_capability() is not None:
+      warnings.warn("flash_jax falls back to the O(T*S)-memory XLA reference: "
+                    + "; ".join(reasons), stacklevel=2)
     out, lse = flash_attention(config, call.query, call.key, call.value,
-                               call.q_lengths, call.kv_lengths)
+                               call.bias, call.arrays)
     return call.finish(out, lse, return_residual)
   raise NotImplementedError(
       "no implementation can take this call:\n  " + "\n  ".join(reasons))

@@ -63,6 +63,10 @@ class AttentionConfig:
   Attributes:
     mask: which (query, key) pairs attend (see `flash_jax.masks`).
     scale: multiplier of the logits ``q . k``.
+    logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``
+      after scale and bias.
+    dropout_rate: probability of dropping an attention probability.
+    dropout_broadcast: one dropout mask for every batch row and head.
     implementation: registered backend name (``"pallas_triton"``, ``"xla"``).
     interpret: run Pallas kernels in interpret mode (CPU testing).
     block_sizes: tiling overrides, or None for the backend's defaults.
@@ -71,5 +75,8 @@ class AttentionConfig:
   mask: MaskSpec
   scale: float
   implementation: str
+  logits_soft_cap: float | None = None
+  dropout_rate: float = 0.0
+  dropout_broadcast: bool = False
   interpret: bool = False
   block_sizes: BlockSizes | None = None

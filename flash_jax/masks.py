@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 IntLike = Any  # a Python int or a traced int32 scalar
@@ -192,3 +193,25 @@ class MaskSpec:
     full_hi = _where(kv_stop > kv_len, full_lo, full_hi)
     hi = _where(kv_start >= kv_len, lo, hi)
     return _split(lo, hi, full_lo, full_hi, block_q)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MaskArrays:
+  """The dynamic (traced) parts of a mask, next to the static `MaskSpec`.
+
+  Attributes:
+    q_lengths, kv_lengths: int32 ``[B]`` padding lengths.
+    mask: bool, 4-D, broadcastable to ``[B, N, T, S]`` (True = attend).
+    q_segment_ids, kv_segment_ids: int32 ``[B, T]`` / ``[B, S]``; a query
+      attends only keys of its own segment.
+    dropout_seed: uint32 ``[2]``, the dropout hash key (see
+      `flash_jax.dropout`).
+  """
+
+  q_lengths: jax.Array | None = None
+  kv_lengths: jax.Array | None = None
+  mask: jax.Array | None = None
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+  dropout_seed: jax.Array | None = None

@@ -9,6 +9,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flash_jax import backends
 from flash_jax.config import AttentionConfig
+from flash_jax.masks import MaskArrays
 
 # Names of the forward's residuals, for remat policies such as
 # ``jax.checkpoint_policies.save_only_these_names(*RESIDUAL_NAMES)``: saving
@@ -19,42 +20,41 @@ RESIDUAL_NAMES = (OUTPUT_NAME, LSE_NAME)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _backend_forward(config: AttentionConfig, query, key, value, q_lengths,
-                     kv_lengths):
+def _backend_forward(config: AttentionConfig, query, key, value, bias, arrays):
   # Wrapped in jit so that an unused forward (the recompute inside a
   # jax.checkpoint whose policy saved the residuals) is dead code that
   # jaxpr-level DCE removes; a bare pallas_call is never DCE'd.
   return backends.get(config.implementation).forward(
-      config, query, key, value, q_lengths, kv_lengths)
+      config, query, key, value, bias, arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(config: AttentionConfig, query, key, value, q_lengths,
-                    kv_lengths):
+def flash_attention(config: AttentionConfig, query, key, value, bias,
+                    arrays: MaskArrays):
   """Attention on canonical (validated, 4-D) inputs: returns ``(out, lse)``.
 
-  ``lse`` is float32 ``[B, N, T]`` in natural log and is differentiable too.
-  Call `flash_jax.dot_product_attention` instead of this unless you have
-  already canonicalised the inputs.
+  ``bias`` (or None) is differentiable, as is ``lse`` (float32 ``[B, N, T]``,
+  natural log); ``arrays`` holds the non-differentiable mask parts. Call
+  `flash_jax.dot_product_attention` instead of this unless you have already
+  canonicalised the inputs.
   """
-  return _backend_forward(config, query, key, value, q_lengths, kv_lengths)
+  return _backend_forward(config, query, key, value, bias, arrays)
 
 
-def _forward(config, query, key, value, q_lengths, kv_lengths):
-  out, lse = _backend_forward(config, query, key, value, q_lengths,
-                              kv_lengths)
+def _forward(config, query, key, value, bias, arrays):
+  out, lse = _backend_forward(config, query, key, value, bias, arrays)
   out = checkpoint_name(out, OUTPUT_NAME)
   lse = checkpoint_name(lse, LSE_NAME)
-  return (out, lse), (query, key, value, q_lengths, kv_lengths, out, lse)
+  return (out, lse), (query, key, value, bias, arrays, out, lse)
 
 
 def _backward(config, residuals, cotangents):
-  query, key, value, q_lengths, kv_lengths, out, lse = residuals
+  query, key, value, bias, arrays, out, lse = residuals
   dout, dlse = cotangents
-  dq, dk, dv = backends.get(config.implementation).backward(
-      config, query, key, value, q_lengths, kv_lengths, out, lse, dout, dlse)
-  # Sequence lengths are integers: no cotangent.
-  return dq, dk, dv, None, None
+  dq, dk, dv, dbias = backends.get(config.implementation).backward(
+      config, query, key, value, bias, arrays, out, lse, dout, dlse)
+  # The mask arrays are integers and booleans: no cotangent.
+  return dq, dk, dv, dbias, None
 
 
 flash_attention.defvjp(_forward, _backward)

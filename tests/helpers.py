@@ -94,11 +94,10 @@ def _oracle_fn(q, k, v, kwargs):
   return_residual = kwargs.pop("return_residual", False)
   call = api.canonicalize(q, k, v, **kwargs)
 
-  def attend(q, k, v):
-    out, lse = reference.attention(
-        q, k, v, mask_spec=call.mask_spec, scale=call.scale,
-        q_lengths=call.q_lengths, kv_lengths=call.kv_lengths,
-        compute_dtype=jnp.float64)
+  def attend(q, k, v, bias=None):
+    out, lse = reference.attention(q, k, v, bias, call.arrays,
+                                   config=call.config,
+                                   compute_dtype=jnp.float64)
     return call.finish(out, lse.astype(jnp.float64), return_residual)
 
   return call, attend

@@ -72,11 +72,52 @@ def test_bad_block_sizes(field, value):
     flash_jax.BlockSizes(**{field: value})
 
 
-@pytest.mark.parametrize("feature", ["bias", "mask", "local_window_size"])
-def test_unimplemented_features_are_not_ignored(qkv, feature):
-  value = 3 if feature == "local_window_size" else jnp.ones((B, N, T, S))
-  with pytest.raises(NotImplementedError, match="masks, bias, segment ids"):
-    flash_jax.dot_product_attention(*qkv, **{feature: value})
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mask=jnp.ones((B, N, T, S))), "boolean array"),
+    (dict(mask=jnp.ones((B, N, T, S + 1), bool)), "does not broadcast"),
+    (dict(mask=jnp.ones((1, B, N, T, S), bool)), "at most 4 dims"),
+    (dict(bias=jnp.ones((B, 3, T, S))), "does not broadcast"),
+    (dict(bias=jnp.ones((B, N, T, S), jnp.int32)), "floating"),
+    (dict(query_segment_ids=jnp.ones((B, T), jnp.int32)), "together"),
+    (dict(query_segment_ids=jnp.ones((B, T)), kv_segment_ids=jnp.ones((B, S))),
+     "integer array"),
+    (dict(query_segment_ids=jnp.ones((B, S), jnp.int32),
+          kv_segment_ids=jnp.ones((B, S), jnp.int32)), "must have shape"),
+    (dict(local_window_size=1.5), "local_window_size"),
+    (dict(local_window_size=(1, 2, 3)), "local_window_size"),
+    (dict(local_window_size=(-1, 2)), "local_window_size"),
+    (dict(causal_alignment="bottom"), "causal_alignment"),
+    (dict(mask_fn=3), "mask_fn must be callable"),
+    (dict(logits_soft_cap=0.0), "logits_soft_cap must be > 0"),
+    (dict(logits_soft_cap=-2.0), "logits_soft_cap must be > 0"),
+    (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"\[0, 1\)"),
+    (dict(dropout_rate=-0.1, dropout_rng=jax.random.key(0)), r"\[0, 1\)"),
+    (dict(dropout_rate=0.1), "needs a dropout_rng"),
+])
+def test_bad_feature_arguments_raise_value_error(qkv, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    flash_jax.dot_product_attention(*qkv, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    (dict(bias=jnp.ones((1, 1, T, S))), "bias"),
+    (dict(mask=jnp.ones((1, 1, T, S), bool)), "mask"),
+    (dict(local_window_size=3), "local_window_size"),
+    (dict(logits_soft_cap=30.0), "logits_soft_cap"),
+    (dict(is_causal=True, causal_alignment="bottom_right"), "bottom-right"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
+])
+def test_kernel_backend_names_what_it_does_not_implement(qkv, kwargs, feature):
+  """Features the Triton kernels lack are refused by name (never ignored),
+  and a sequence of implementations falls through to the reference."""
+  with pytest.raises(NotImplementedError, match=feature):
+    flash_jax.dot_product_attention(*qkv, implementation="pallas_triton",
+                                    **kwargs)
+  out = flash_jax.dot_product_attention(
+      *qkv, implementation=["pallas_triton", "xla"], **kwargs)
+  expected = flash_jax.dot_product_attention(*qkv, implementation="xla",
+                                             **kwargs)
+  np.testing.assert_array_equal(out, expected)
 
 
 def test_fallthrough_lists_every_reason(qkv, monkeypatch):
@@ -101,16 +142,15 @@ def test_auto_implementation_on_cpu_is_xla(qkv, monkeypatch):
   if jax.default_backend() == "gpu":
     pytest.skip("checks the CPU default")
   chosen = []
-  original = api.AttentionConfig
+  original = api.flash_attention
 
-  def record(**kwargs):
-    chosen.append(kwargs["implementation"])
-    return original(**kwargs)
+  def record(config, *args):
+    chosen.append(config.implementation)
+    return original(config, *args)
 
-  monkeypatch.setattr(api, "AttentionConfig", record)
+  monkeypatch.setattr(api, "flash_attention", record)
   flash_jax.dot_product_attention(*qkv)
-  assert chosen == ["pallas_triton", "xla"]
-  # pallas_triton was configured, rejected (no GPU, no interpret), then xla.
+  assert chosen == ["xla"]
 
 
 def test_reference_matches_jax_nn(qkv):

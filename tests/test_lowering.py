@@ -15,7 +15,7 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 import flash_jax
 from flash_jax.config import AttentionConfig
-from flash_jax.masks import MaskSpec
+from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import flash_attention
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
@@ -44,7 +44,8 @@ def _forward_and_backward(config, with_lengths):
   def loss(q, k, v, q_lengths, kv_lengths):
     if not with_lengths:
       q_lengths = kv_lengths = None
-    out, lse = flash_attention(config, q, k, v, q_lengths, kv_lengths)
+    out, lse = flash_attention(config, q, k, v, None,
+                               MaskArrays(q_lengths, kv_lengths))
     return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
         jnp.where(jnp.isfinite(lse), lse, 0.0))
   return jax.value_and_grad(loss, argnums=(0, 1, 2))

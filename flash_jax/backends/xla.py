@@ -1,4 +1,8 @@
-"""The "xla" backend: `flash_jax.reference` in float32 (O(T*S) memory)."""
+"""The "xla" backend: `flash_jax.reference` in float32 (O(T*S) memory).
+
+It implements every feature, so it is the fall-back for anything a kernel
+backend does not take yet.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,23 @@ from flash_jax.config import AttentionConfig
 NAME = "xla"
 
 
-def check_supported(config: AttentionConfig, query, key, value) -> None:
+def check_supported(config: AttentionConfig, query, key, value, bias,
+                    arrays) -> None:
   """The reference takes every valid call."""
-  del config, query, key, value
+  del config, query, key, value, bias, arrays
 
 
-def _attention(config: AttentionConfig, q_lengths, kv_lengths):
-  return lambda q, k, v: reference.attention(
-      q, k, v, mask_spec=config.mask, scale=config.scale,
-      q_lengths=q_lengths, kv_lengths=kv_lengths)
-
-
-def forward(config: AttentionConfig, query, key, value, q_lengths, kv_lengths):
+def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out, lse)``."""
-  return _attention(config, q_lengths, kv_lengths)(query, key, value)
+  return reference.attention(query, key, value, bias, arrays, config=config)
 
 
-def backward(config: AttentionConfig, query, key, value, q_lengths,
-             kv_lengths, out, lse, dout, dlse):
-  """Differentiates the reference (recomputing its forward)."""
+def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
+             lse, dout, dlse):
+  """Differentiates the reference (recomputing its forward); returns
+  ``(dq, dk, dv, dbias)`` with dbias None when there is no bias."""
   del out, lse
-  _, vjp = jax.vjp(_attention(config, q_lengths, kv_lengths), query, key,
-                   value)
+  attend = lambda q, k, v, b: reference.attention(q, k, v, b, arrays,
+                                                  config=config)
+  _, vjp = jax.vjp(attend, query, key, value, bias)
   return vjp((dout, dlse))

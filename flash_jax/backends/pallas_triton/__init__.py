@@ -22,8 +22,27 @@ def _tiling(config: AttentionConfig, query, key):
                                 key.shape[1])
 
 
-def check_supported(config: AttentionConfig, query, key, value) -> None:
+def _unsupported_features(config: AttentionConfig, bias, arrays) -> list[str]:
+  spec = config.mask
+  return [name for name, used in (
+      ("bias", bias is not None),
+      ("mask", arrays.mask is not None),
+      ("segment ids", arrays.q_segment_ids is not None),
+      ("local_window_size", spec.window_left is not None
+       or spec.window_right is not None),
+      ("bottom-right causal alignment", spec.diagonal_offset != 0),
+      ("mask_fn", spec.mask_fn is not None),
+      ("logits_soft_cap", config.logits_soft_cap is not None),
+      ("dropout", config.dropout_rate > 0)) if used]
+
+
+def check_supported(config: AttentionConfig, query, key, value, bias,
+                    arrays) -> None:
   """Raises NotImplementedError(reason) if this backend cannot take the call."""
+  unsupported = _unsupported_features(config, bias, arrays)
+  if unsupported:
+    raise NotImplementedError(
+        f"{NAME} does not implement {', '.join(unsupported)} yet")
   if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
     raise NotImplementedError(
         f"{NAME} supports head dims up to {MAX_HEAD_DIM}, got "
@@ -36,18 +55,21 @@ def check_supported(config: AttentionConfig, query, key, value) -> None:
                                 "it in Pallas interpret mode)")
 
 
-def forward(config: AttentionConfig, query, key, value, q_lengths, kv_lengths):
+def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
+  assert not _unsupported_features(config, bias, arrays)
   tiling = _tiling(config, query, key)
   params = _common.kernel_params(config, query, key, value,
                                  block_q=tiling.block_q,
                                  block_kv=tiling.block_kv, tiling=tiling)
-  return _forward.forward(params, query, key, value, q_lengths, kv_lengths)
+  return _forward.forward(params, query, key, value, arrays.q_lengths,
+                          arrays.kv_lengths)
 
 
-def backward(config: AttentionConfig, query, key, value, q_lengths,
-             kv_lengths, out, lse, dout, dlse):
-  """Returns ``(dq, dk, dv)`` for cotangents ``dout`` and ``dlse``."""
+def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
+             lse, dout, dlse):
+  """Returns ``(dq, dk, dv, None)`` for cotangents ``dout`` and ``dlse``."""
+  assert not _unsupported_features(config, bias, arrays)
   tiling = _tiling(config, query, key)
   params_dkv = _common.kernel_params(config, query, key, value,
                                      block_q=tiling.block_q_dkv,
@@ -57,7 +79,9 @@ def backward(config: AttentionConfig, query, key, value, q_lengths,
                                     block_q=tiling.block_q_dq,
                                     block_kv=tiling.block_kv_dq,
                                     tiling=tiling)
-  return _backward.backward(params_dkv, params_dq, query, key, value,
-                            q_lengths, kv_lengths, out, lse, dout, dlse)
+  dq, dk, dv = _backward.backward(params_dkv, params_dq, query, key, value,
+                                  arrays.q_lengths, arrays.kv_lengths, out,
+                                  lse, dout, dlse)
+  return dq, dk, dv, None
 
 
