@@ -164,17 +164,23 @@ def valid_below(idx, bound: int, block: int, length: int):
   return idx < bound
 
 
+def _tile_mask(shape, rows_valid, cols_valid):
+  """The 2-D lane mask of a tile, or None when every lane is valid."""
+  mask = None
+  if rows_valid is not None:
+    mask = jnp.broadcast_to(rows_valid[:, None], shape)
+  if cols_valid is not None:
+    cols = jnp.broadcast_to(cols_valid[None, :], shape)
+    mask = cols if mask is None else mask & cols
+  return mask
+
+
 def load_tile(ref, rows_valid=None, cols_valid=None, other=0.0):
   """Loads a 2-D tile, zero-filling rows/columns outside the array.
 
   Masked lanes never touch memory, so tiles may hang past the array's end.
   """
-  mask = None
-  if rows_valid is not None:
-    mask = jnp.broadcast_to(rows_valid[:, None], ref.shape)
-  if cols_valid is not None:
-    cols = jnp.broadcast_to(cols_valid[None, :], ref.shape)
-    mask = cols if mask is None else mask & cols
+  mask = _tile_mask(ref.shape, rows_valid, cols_valid)
   if mask is None:
     return ref[...]
   return plgpu.load(ref, mask=mask, other=other)
@@ -182,12 +188,7 @@ def load_tile(ref, rows_valid=None, cols_valid=None, other=0.0):
 
 def store_tile(ref, value, rows_valid=None, cols_valid=None):
   """Stores a 2-D tile, skipping rows/columns outside the array."""
-  mask = None
-  if rows_valid is not None:
-    mask = jnp.broadcast_to(rows_valid[:, None], ref.shape)
-  if cols_valid is not None:
-    cols = jnp.broadcast_to(cols_valid[None, :], ref.shape)
-    mask = cols if mask is None else mask & cols
+  mask = _tile_mask(ref.shape, rows_valid, cols_valid)
   if mask is None:
     ref[...] = value
   else:
