@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import backends, dropout, platform
-from flash_jax.config import AttentionConfig, BlockSizes
+from flash_jax.config import MAX_HEAD_DIM, AttentionConfig, BlockSizes
 from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import flash_attention
 
-MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
                     jnp.dtype(jnp.bfloat16))
 IMPLEMENTATIONS = ("pallas_triton", "xla", "cudnn")
@@ -77,7 +76,7 @@ def _static_number(value, name: str) -> float:
   return number
 
 
-def _check_lengths(lengths, name: str, batch: int):
+def _check_lengths(lengths, name: str, batch: int, full: int):
   if lengths is None:
     return None
   lengths = _as_array(lengths, name)
@@ -86,7 +85,19 @@ def _check_lengths(lengths, name: str, batch: int):
   if lengths.shape != (batch,):
     raise ValueError(
         f"{name} must have shape (B,) = ({batch},), got {lengths.shape}")
-  return lengths.astype(jnp.int32)
+  # Clipping first keeps the meaning (index < length) of any integer dtype:
+  # a length past the sequence means "all valid", a negative one "none".
+  return jnp.clip(lengths, 0, full).astype(jnp.int32)
+
+
+def _check_bool(value, name: str) -> bool:
+  """A static bool (a concrete 0-d boolean array is accepted too)."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if (not isinstance(value, jax.core.Tracer) and getattr(value, "shape", None)
+      == () and getattr(value, "dtype", None) == np.bool_):
+    return bool(value)
+  raise ValueError(f"{name} must be a static bool, got {value!r}")
 
 
 def _check_broadcastable(x, name: str, full: tuple[int, ...], had_batch: bool):
@@ -193,8 +204,7 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
       raise ValueError(
           f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}: "
           f"{shapes}")
-  if not isinstance(is_causal, (bool, np.bool_)):
-    raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+  is_causal = _check_bool(is_causal, "is_causal")
   if causal_alignment not in CAUSAL_ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
                      f"got {causal_alignment!r}")
@@ -236,7 +246,7 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
   scale = (1.0 / math.sqrt(head_dim) if scale is None
            else _static_number(scale, "scale"))
   spec = MaskSpec(
-      is_causal=bool(is_causal),
+      is_causal=is_causal,
       diagonal_offset=(kv_seq - q_seq if causal_alignment == "bottom_right"
                        else 0),
       window_left=None if window is None else window[0],
@@ -244,11 +254,13 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
       mask_fn=mask_fn)
   config = AttentionConfig(
       mask=spec, scale=scale, implementation="", logits_soft_cap=logits_soft_cap,
-      dropout_rate=dropout_rate, dropout_broadcast=bool(broadcast_dropout))
+      dropout_rate=dropout_rate,
+      dropout_broadcast=_check_bool(broadcast_dropout, "broadcast_dropout"))
   arrays = MaskArrays(
-      q_lengths=_check_lengths(query_seq_lengths, "query_seq_lengths", batch),
+      q_lengths=_check_lengths(query_seq_lengths, "query_seq_lengths", batch,
+                               q_seq),
       kv_lengths=_check_lengths(key_value_seq_lengths,
-                                "key_value_seq_lengths", batch),
+                                "key_value_seq_lengths", batch, kv_seq),
       mask=mask, q_segment_ids=q_segments, kv_segment_ids=kv_segments,
       dropout_seed=seed)
   return CanonicalCall(query=query, key=key, value=value, bias=bias,
@@ -341,7 +353,8 @@ def dot_product_attention(
           q2          x  x  x  .  .
 
     query_seq_lengths: int ``[B]``; query rows at or past it are padding and
-      give output 0 (and lse -inf, zero gradients).
+      give output 0 (and lse -inf, zero gradients). Lengths are clipped to
+      ``[0, T]`` (and key lengths to ``[0, S]``).
     key_value_seq_lengths: int ``[B]``; keys at or past it are ignored.
     local_window_size: ``w`` or ``(left, right)``: query ``i`` attends keys
       ``i - left .. i + right`` (relative to the aligned diagonal), as in
@@ -353,8 +366,10 @@ def dot_product_attention(
       one that cannot take the call raises NotImplementedError internally
       and the next is tried; if none can, one NotImplementedError lists every
       reason.
-    return_residual: also return the logsumexp ``[B, T, N]`` (float32,
-      natural log), as `jax.nn` does.
+    return_residual: also return the logsumexp ``[B, T, N]`` in natural log,
+      like `jax.nn`, but always float32 (`jax.nn` returns the input dtype).
+      It is differentiable, except with ``implementation="cudnn"``, whose
+      `jax.nn` backward ignores the lse cotangent.
     query_segment_ids, kv_segment_ids: int ``[B, T]`` / ``[B, S]`` (packed
       documents): a query attends only keys with its segment id.
     causal_alignment: ``"top_left"`` (default, ``jax.nn``) or
@@ -379,8 +394,10 @@ def dot_product_attention(
   Returns:
     ``out [B, T, N, Hv]`` in the input dtype, or ``(out, lse)``.
 
-  Rows that attend nothing give output 0, lse -inf and zero gradients (where
-  ``jax.nn`` would average the values); never NaN.
+  Rows that attend nothing give output 0, lse -inf and zero gradients; never
+  NaN. (`jax.nn` also gives 0 for padded queries, but averages the values
+  on a row whose keys are all masked, and its lse there is a large negative
+  number rather than -inf.)
   """
   call = canonicalize(
       query, key, value, bias=bias, mask=mask, scale=scale,
@@ -392,8 +409,9 @@ def dot_product_attention(
       logits_soft_cap=logits_soft_cap, dropout_rate=dropout_rate,
       dropout_rng=dropout_rng, broadcast_dropout=broadcast_dropout)
   names, explicit = _implementation_order(implementation)
-  if interpret is not None and not isinstance(interpret, (bool, np.bool_)):
-    raise ValueError(f"interpret must be None or a bool, got {interpret!r}")
+  return_residual = _check_bool(return_residual, "return_residual")
+  if interpret is not None:
+    interpret = _check_bool(interpret, "interpret")
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
         f"block_sizes must be a flash_jax.BlockSizes, got {block_sizes!r}")

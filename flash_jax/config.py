@@ -7,6 +7,10 @@ import dataclasses
 from flash_jax.masks import MaskSpec
 
 
+# The largest head dim (query/key and value) any backend takes.
+MAX_HEAD_DIM = 256
+
+
 def _is_power_of_two(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 

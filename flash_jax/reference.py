@@ -32,7 +32,8 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
 
   Returns:
     ``out`` ``[B, T, N, Hv]`` in the query's dtype and ``lse`` ``[B, N, T]``
-    float32 (natural log, of the undropped probabilities). Rows that attend
+    (natural log, of the undropped probabilities) in float32, or float64
+    when ``compute_dtype`` is. Rows that attend
     nothing (padded queries, or every key masked) give output 0 and lse
     -inf; their gradients are 0, not NaN.
   """
@@ -92,11 +93,12 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
                    preferred_element_type=compute_dtype)
 
   row_attends = jnp.any(allowed, axis=-1)
+  lse_dtype = jnp.promote_types(compute_dtype, jnp.float32)
   lse = jnp.where(
       row_attends,
-      jax.nn.logsumexp(safe_logits.astype(jnp.float32), axis=-1),
+      jax.nn.logsumexp(safe_logits.astype(lse_dtype), axis=-1),
       -jnp.inf)
-  return out.astype(out_dtype), lse.astype(jnp.float32)
+  return out.astype(out_dtype), lse
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *,

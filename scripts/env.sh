@@ -31,8 +31,13 @@ if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import flash_jax, j
   echo "flash_jax: creating $venv with $python ($("$python" --version))" >&2
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
+  extras="test,examples"
+  # On a GPU machine the CUDA plugin comes too, so the kernels compile.
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    extras="$extras,cuda13"
+  fi
   # shellcheck disable=SC2086
-  "$venv/bin/python" -m pip install --quiet $jax_pin -e "$repo_root[test,examples]"
+  "$venv/bin/python" -m pip install --quiet $jax_pin -e "$repo_root[$extras]"
 fi
 # shellcheck disable=SC1091
 source "$venv/bin/activate"

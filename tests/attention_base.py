@@ -31,16 +31,21 @@ def _grid() -> list[Case]:
   for i, ((t, s), h) in enumerate(itertools.product(SIZES, HEAD_DIMS)):
     n, k = HEADS[i % len(HEADS)]
     big = t * s >= 1023 * 1024
+    # dtype advances every len(HEADS) cases, so every (heads, dtype) pair
+    # appears in the grid.
     cases.append(Case(batch=1 if big else 2, q_seq=t, kv_seq=s,
                       num_heads=2 if big else n, num_kv_heads=1 if big else k,
                       head_dim=h, value_head_dim=h, is_causal=i % 2 == 0,
-                      dtype=DTYPES[i % len(DTYPES)]))
+                      dtype=DTYPES[(i // len(HEADS)) % len(DTYPES)]))
   # Every dtype x causality x head layout at one awkward size.
   for dtype, causal, (n, k) in itertools.product(DTYPES, (False, True), HEADS):
     cases.append(Case(2, 97, 113, n, k, 64, 64, causal, dtype))
   # Value head dim differing from the query/key head dim.
   cases.append(Case(2, 65, 130, 4, 2, 96, 40, True, "bfloat16"))
   cases.append(Case(1, 33, 17, 2, 1, 59, 200, False, "float32"))
+  # Tiny head dims, a group of 3 query heads per kv head.
+  cases.append(Case(2, 50, 70, 6, 2, 1, 3, True, "float32"))
+  cases.append(Case(2, 45, 29, 6, 2, 15, 8, False, "bfloat16"))
   return cases
 
 
@@ -118,6 +123,9 @@ class AttentionTestBase:
     q, k, v, do = draw_inputs(rng, case)
     q_lengths = jnp.array([97, 50, 1, 0], jnp.int32)
     kv_lengths = jnp.array([130, 64, 77, 0], jnp.int32)
+    if is_causal:  # out-of-range lengths clip to [0, T] / [0, S]
+      q_lengths = q_lengths.at[0].set(500)
+      kv_lengths = kv_lengths.at[3].set(-4)
     kwargs = dict(is_causal=is_causal, query_seq_lengths=q_lengths,
                   key_value_seq_lengths=kv_lengths)
     fn = lambda *a: self.attend(*a, **kwargs, return_residual=True)
@@ -135,6 +143,32 @@ class AttentionTestBase:
     oracle, plain = reference_grad_pair(q, k, v, do, **kwargs)
     for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
       assert_flash_close(g, o, p, factor=3, name=name)
+
+  @pytest.mark.parametrize("is_causal", [False, True])
+  def test_small_blocks_many_tiles(self, rng, is_causal):
+    """16x16 tiles (block_sizes) give many on- and off-band blocks at a
+    small size; results must not depend on the tiling."""
+    case = Case(2, 100, 77, 4, 2, 32, 24, is_causal, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    tiny = flash_jax.BlockSizes(*(16,) * 6)
+    fn = lambda *a: self.attend(*a, is_causal=is_causal, block_sizes=tiny)
+    out, grads = vjp_triple(fn, q, k, v, do)
+    ref_out, plain_out = reference_pair(q, k, v, is_causal=is_causal)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=is_causal)
+    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
+      assert_flash_close(g, o, p, factor=3, name=name)
+
+  def test_is_causal_is_top_left(self, rng):
+    """Query i sees keys 0..i even when T != S (jax.nn's convention)."""
+    q, k, v, _ = draw_inputs(rng, Case(1, 3, 5, 1, 1, 16, 16, True,
+                                       "float32"))
+    out = self.attend(q, k, v, is_causal=True)
+    # Row 0 sees only key 0, so it returns value 0.
+    np.testing.assert_allclose(out[0, 0, 0], v[0, 0, 0], rtol=1e-6)
+    with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
+      expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
   def test_lse_is_differentiable(self, rng):
     """A loss on lse (as in z-loss) gets the right gradient."""

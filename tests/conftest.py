@@ -9,14 +9,28 @@ import zlib
 import jax
 import pytest
 
-# Every run draws fresh inputs; set FLASH_JAX_TEST_SEED to replay one.
-BASE_SEED = int(os.environ.get("FLASH_JAX_TEST_SEED",
-                               random.SystemRandom().randrange(2**31)))
+_SEED_VARIABLE = "FLASH_JAX_TEST_SEED"
+
+
+def pytest_configure(config):
+  """Draws this run's base seed once, in the controlling process.
+
+  Every run draws fresh inputs; FLASH_JAX_TEST_SEED replays one. The seed is
+  put in the environment before pytest-xdist starts its workers, so they all
+  use the seed the header prints.
+  """
+  del config
+  if _SEED_VARIABLE not in os.environ:
+    os.environ[_SEED_VARIABLE] = str(random.SystemRandom().randrange(2**31))
+
+
+def base_seed() -> int:
+  return int(os.environ[_SEED_VARIABLE])
 
 
 def pytest_report_header(config):
   del config
-  return [f"flash_jax: FLASH_JAX_TEST_SEED={BASE_SEED} "
+  return [f"flash_jax: {_SEED_VARIABLE}={base_seed()} "
           f"backend={jax.default_backend()} devices={jax.devices()}"]
 
 
@@ -24,4 +38,4 @@ def pytest_report_header(config):
 def rng(request) -> jax.Array:
   """A PRNG key unique to this test and this run's base seed."""
   test_id = zlib.crc32(request.node.nodeid.encode())
-  return jax.random.key((BASE_SEED ^ test_id) % (2**31))
+  return jax.random.key((base_seed() ^ test_id) % (2**31))

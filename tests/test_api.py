@@ -47,7 +47,8 @@ def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
     (dict(query_seq_lengths=jnp.ones((B,), jnp.float32)), "integer array"),
     (dict(scale=float("nan")), "finite"),
     (dict(scale="big"), "real number"),
-    (dict(is_causal="yes"), "is_causal must be a bool"),
+    (dict(is_causal="yes"), "is_causal must be a static bool"),
+    (dict(return_residual="no"), "return_residual must be a static bool"),
     (dict(implementation="flash"), "implementation must be"),
     (dict(implementation=["xla", "triton"]), "implementation must be"),
     (dict(implementation=[]), "implementation must be"),
@@ -57,6 +58,27 @@ def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
 def test_bad_arguments_raise_value_error(qkv, kwargs, message):
   with pytest.raises(ValueError, match=message):
     flash_jax.dot_product_attention(*qkv, **kwargs)
+
+
+def test_lengths_of_any_integer_dtype_keep_their_meaning(qkv):
+  """Lengths past the sequence mean "all valid" and negative ones "none",
+  whatever the integer dtype (no wrap-around in the int32 cast)."""
+  q, k, v = qkv
+  full = flash_jax.dot_product_attention(q, k, v)
+  huge = jnp.full((B,), 3_000_000_000, jnp.uint32)
+  np.testing.assert_array_equal(
+      flash_jax.dot_product_attention(q, k, v, query_seq_lengths=huge,
+                                      key_value_seq_lengths=huge), full)
+  none = flash_jax.dot_product_attention(
+      q, k, v, query_seq_lengths=jnp.array([-5, T], jnp.int32))
+  assert not jnp.any(none[0])
+  np.testing.assert_array_equal(none[1], full[1])
+
+
+def test_concrete_boolean_arrays_are_static_bools(qkv):
+  out = flash_jax.dot_product_attention(*qkv, is_causal=jnp.array(True))
+  np.testing.assert_array_equal(
+      out, flash_jax.dot_product_attention(*qkv, is_causal=True))
 
 
 def test_traced_scale_is_rejected(qkv):
@@ -173,14 +195,3 @@ def test_reference_matches_jax_nn(qkv):
           q, k, v, implementation="xla", return_residual=True,
           is_causal=causal)[1]
     np.testing.assert_allclose(ours_lse, theirs_lse, rtol=2e-5, atol=2e-5)
-
-
-def test_is_causal_is_top_left(rng):
-  """Query i sees keys 0..i even when T != S (jax.nn's convention)."""
-  q, k, v, _ = draw_inputs(rng, Case(1, 3, 5, 1, 1, 16, 16, True, "float32"))
-  out = flash_jax.dot_product_attention(q, k, v, is_causal=True)
-  # Row 0 sees only key 0, so it returns value 0 exactly.
-  np.testing.assert_allclose(out[0, 0, 0], v[0, 0, 0], rtol=1e-6)
-  with jax.default_matmul_precision("highest"):  # no TF32 on GPUs
-    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

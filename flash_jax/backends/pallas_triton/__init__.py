@@ -7,17 +7,18 @@ it lives in this package, reached only through the backend registry.
 from __future__ import annotations
 
 
-from flash_jax.config import AttentionConfig
+from flash_jax.config import MAX_HEAD_DIM, AttentionConfig
 from flash_jax.backends.pallas_triton import backward as _backward
 from flash_jax.backends.pallas_triton import common as _common
 from flash_jax.backends.pallas_triton import forward as _forward
 
 NAME = "pallas_triton"
-MAX_HEAD_DIM = 256
 
 
-def _tiling(config: AttentionConfig, query, key):
-  padded = max(_common.MIN_BLOCK, _common.next_power_of_two(query.shape[-1]))
+def _tiling(config: AttentionConfig, query, key, value):
+  # The wider of the two head dims sets the tile budget (registers, smem).
+  widest = max(query.shape[-1], value.shape[-1])
+  padded = max(_common.MIN_BLOCK, _common.next_power_of_two(widest))
   return _common.resolve_tiling(config.block_sizes, padded, query.shape[1],
                                 key.shape[1])
 
@@ -58,7 +59,7 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
   assert not _unsupported_features(config, bias, arrays)
-  tiling = _tiling(config, query, key)
+  tiling = _tiling(config, query, key, value)
   params = _common.kernel_params(config, query, key, value,
                                  block_q=tiling.block_q,
                                  block_kv=tiling.block_kv, tiling=tiling)
@@ -70,7 +71,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
              lse, dout, dlse):
   """Returns ``(dq, dk, dv, None)`` for cotangents ``dout`` and ``dlse``."""
   assert not _unsupported_features(config, bias, arrays)
-  tiling = _tiling(config, query, key)
+  tiling = _tiling(config, query, key, value)
   params_dkv = _common.kernel_params(config, query, key, value,
                                      block_q=tiling.block_q_dkv,
                                      block_kv=tiling.block_kv_dkv,
