@@ -159,6 +159,51 @@ class AttentionTestBase:
     for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
       assert_flash_close(g, o, p, factor=3, name=name)
 
+  @pytest.mark.parametrize("window, is_causal, alignment, sizes", [
+      ((8, 8), False, "top_left", (97, 113)),
+      ((20, 0), True, "top_left", (113, 97)),
+      ((0, 5), False, "top_left", (65, 65)),
+      (None, True, "bottom_right", (37, 130)),
+      (None, True, "bottom_right", (130, 37)),
+      ((16, 0), True, "bottom_right", (50, 120)),
+  ])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_local_window_and_alignment(self, rng, window, is_causal, alignment,
+                                      sizes, dtype):
+    case = Case(2, *sizes, 4, 2, 64, 40, is_causal, dtype)
+    q, k, v, do = draw_inputs(rng, case)
+    kwargs = dict(is_causal=is_causal, local_window_size=window,
+                  causal_alignment=alignment)
+    tiny = flash_jax.BlockSizes(*(16,) * 6)
+    fn = lambda *a: self.attend(*a, **kwargs, block_sizes=tiny,
+                                return_residual=True)
+    (out, lse), pull = jax.vjp(fn, q, k, v)
+    grads = pull((do, jnp.zeros_like(lse)))
+    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
+        q, k, v, return_residual=True, **kwargs)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
+    oracle, plain = reference_grad_pair(q, k, v, do, **kwargs)
+    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
+      assert_flash_close(g, o, p, factor=3, name=name)
+
+  def test_window_rows_with_very_negative_logits(self, rng):
+    """A row whose first visited block is wholly outside its window, with
+    every logit far below zero: the running max must come from the first
+    block the row actually sees (a max stuck at a stand-in 0 would
+    underflow every probability to 0)."""
+    t, h = 64, 32
+    q = jnp.full((1, t, 1, h), -5.0)
+    k = jnp.full((1, t, 1, h), 5.0)   # every logit is -25 * sqrt(h)
+    v = jax.random.normal(rng, (1, t, 1, h))
+    out = self.attend(q, k, v, is_causal=True, local_window_size=(4, 0),
+                      block_sizes=flash_jax.BlockSizes(*(16,) * 6))
+    # Equal logits: each row averages the values of keys i-4 .. i.
+    for i in (0, 3, 20, 31, 63):
+      expected = v[0, max(0, i - 4):i + 1, 0].mean(axis=0)
+      np.testing.assert_allclose(out[0, i, 0], expected, rtol=1e-4,
+                                 atol=1e-5)
+
   def test_is_causal_is_top_left(self, rng):
     """Query i sees keys 0..i even when T != S (jax.nn's convention)."""
     q, k, v, _ = draw_inputs(rng, Case(1, 3, 5, 1, 1, 16, 16, True,

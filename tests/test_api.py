@@ -124,9 +124,7 @@ def test_bad_feature_arguments_raise_value_error(qkv, kwargs, message):
 @pytest.mark.parametrize("kwargs, feature", [
     (dict(bias=jnp.ones((1, 1, T, S))), "bias"),
     (dict(mask=jnp.ones((1, 1, T, S), bool)), "mask"),
-    (dict(local_window_size=3), "local_window_size"),
     (dict(logits_soft_cap=30.0), "logits_soft_cap"),
-    (dict(is_causal=True, causal_alignment="bottom_right"), "bottom-right"),
     (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
 ])
 def test_kernel_backend_names_what_it_does_not_implement(qkv, kwargs, feature):

@@ -66,11 +66,30 @@ LOWERING_CASES = [
 ]
 
 
+WINDOWED = {
+    # A sliding window, and a bottom-right aligned causal window (T < S).
+    "window": MaskSpec(is_causal=True, window_left=1024, window_right=0),
+    "bottom_right": MaskSpec(is_causal=True, diagonal_offset=4096 - 512,
+                             window_left=300, window_right=None),
+}
+
+
 @pytest.mark.parametrize("case", LOWERING_CASES, ids=lambda c: "-".join(
     str(getattr(x, "__name__", x)) for x in c[:10]))
 def test_kernels_lower_for_h100(case):
   *dims, causal, dtype, with_lengths, block_sizes = case
-  config = AttentionConfig(mask=MaskSpec(is_causal=causal), scale=0.125,
+  _lower_all_kernels(MaskSpec(is_causal=causal), dims, dtype, with_lengths,
+                     block_sizes)
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWED))
+def test_windowed_kernels_lower_for_h100(name):
+  _lower_all_kernels(WINDOWED[name], (1, 512, 4096, 8, 2, 128, 128),
+                     jnp.bfloat16, True, None)
+
+
+def _lower_all_kernels(spec, dims, dtype, with_lengths, block_sizes):
+  config = AttentionConfig(mask=spec, scale=0.125,
                            implementation="pallas_triton", interpret=False,
                            block_sizes=block_sizes)
   q, k, v = _structs(*dims, dtype)

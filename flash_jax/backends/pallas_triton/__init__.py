@@ -29,9 +29,6 @@ def _unsupported_features(config: AttentionConfig, bias, arrays) -> list[str]:
       ("bias", bias is not None),
       ("mask", arrays.mask is not None),
       ("segment ids", arrays.q_segment_ids is not None),
-      ("local_window_size", spec.window_left is not None
-       or spec.window_right is not None),
-      ("bottom-right causal alignment", spec.diagonal_offset != 0),
       ("mask_fn", spec.mask_fn is not None),
       ("logits_soft_cap", config.logits_soft_cap is not None),
       ("dropout", config.dropout_rate > 0)) if used]

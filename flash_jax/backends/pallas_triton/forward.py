@@ -52,12 +52,14 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref,
       allowed = p.mask.allows(q_idx[:, None], kv_idx[None, :], kv_len)
       logits = jnp.where(allowed, logits, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    m_shift = m_next
     if masked:
-      # A row with nothing attended so far keeps m = -inf; subtracting 0
-      # instead keeps exp2 at exactly 0 rather than NaN.
-      m_next = jnp.where(m_next == -jnp.inf, 0.0, m_next)
-    correction = jnp.exp2(m_prev - m_next)
-    probs = jnp.exp2(logits - m_next[:, None])
+      # A row with nothing attended so far keeps m = -inf; shifting by 0
+      # instead keeps exp2 at exactly 0 rather than NaN. The carried max
+      # stays -inf, so a later block's logits (however negative) set it.
+      m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    correction = jnp.exp2(m_prev - m_shift)
+    probs = jnp.exp2(logits - m_shift[:, None])
     l_next = l_prev * correction + jnp.sum(probs, axis=1)
     v = common.load_tile(v_ref.at[kv_rows, :], kv_in_array, hv_valid)
     acc = acc * correction[:, None] + common.dot(probs.astype(v.dtype), v, p)
