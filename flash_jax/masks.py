@@ -14,13 +14,14 @@ of question:
 The block functions take plain Python ints or traced int32 scalars, so the same
 code runs inside a Pallas kernel and in NumPy-level unit tests.
 
-Causal alignment is top-left, as in ``jax.nn.dot_product_attention``: query
-``i`` sees keys ``0..i`` whatever ``T`` and ``S`` are::
+Causal alignment is top-left by default, as in
+``jax.nn.dot_product_attention``: query ``i`` sees keys ``0..i`` whatever
+``T`` and ``S`` are; ``diagonal_offset = S - T`` aligns it bottom-right::
 
-    T=3, S=5      keys ->
-    query 0       x . . . .
-    query 1       x x . . .
-    query 2       x x x . .
+    T=3, S=5      top-left        bottom-right (offset 2)
+    query 0       x . . . .       x x x . .
+    query 1       x x . . .       x x x x .
+    query 2       x x x . .       x x x x x
 """
 
 from __future__ import annotations
@@ -104,9 +105,9 @@ class MaskSpec:
       ``[i + offset - window_left, i + offset + window_right]``; None leaves
       that side unbounded.
     mask_fn: an optional jnp-traceable predicate ``mask_fn(batch, head,
-      q_idx, kv_idx) -> bool`` (True = attend), evaluated element-wise. It
-      cannot skip blocks by itself: block skipping for it comes from a
-      block map.
+      q_idx, kv_idx) -> bool`` (True = attend), evaluated element-wise. The
+      block ranges do not see it (skipping blocks for it needs a block map,
+      not built yet).
 
   Dynamic parts of the mask (per-batch ``q_len`` / ``kv_len`` from the
   padding sequence lengths, segment ids, a dense boolean mask) are passed to

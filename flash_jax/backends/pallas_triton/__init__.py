@@ -6,7 +6,7 @@ it lives in this package, reached only through the backend registry.
 
 from __future__ import annotations
 
-
+from flash_jax import platform
 from flash_jax.config import MAX_HEAD_DIM, AttentionConfig
 from flash_jax.backends.pallas_triton import backward as _backward
 from flash_jax.backends.pallas_triton import common as _common
@@ -46,7 +46,6 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
         f"{NAME} supports head dims up to {MAX_HEAD_DIM}, got "
         f"{query.shape[-1]} (query/key) and {value.shape[-1]} (value)")
   if not config.interpret:
-    from flash_jax import platform
     reason = platform.triton_gpu_unsupported_reason()
     if reason:
       raise NotImplementedError(f"{NAME}: {reason} (pass interpret=True to run "
