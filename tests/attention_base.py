@@ -16,7 +16,7 @@ import pytest
 
 import flash_jax
 from helpers import (Case, assert_flash_close, draw_inputs, max_abs_error,
-                     reference_grad_pair, reference_pair, vjp_triple)
+                     oracle, reference_grad_pair, reference_pair, vjp_triple)
 
 SIZES = [(1, 1), (17, 17), (97, 97), (128, 128), (113, 203), (203, 113),
          (1023, 1024)]
@@ -50,6 +50,8 @@ def _grid() -> list[Case]:
 
 
 CASES = _grid()
+# 16x16 tiles everywhere: many blocks, on and off every mask boundary.
+TINY_TILES = flash_jax.BlockSizes(*(16,) * 6)
 GRAD_CASES = [c for c in CASES if c.q_seq * c.kv_seq < 1023 * 1024
               or c.head_dim <= 128]
 
@@ -62,6 +64,27 @@ class AttentionTestBase:
   def attend(self, q, k, v, **kwargs):
     return flash_jax.dot_product_attention(
         q, k, v, implementation=self.implementation, **kwargs)
+
+  def check_against_reference(self, q, k, v, do, *, block_sizes=None,
+                              grad_floor=1e-5, **semantics):
+    """FlashAttention's rule for out and lse (2x) and dq, dk, dv (3x, for
+    output cotangent ``do``) against the reference with the same
+    ``semantics``. Returns ``(out, lse, (dq, dk, dv))`` for more checks."""
+    fn = lambda *a: self.attend(*a, **semantics, block_sizes=block_sizes,
+                                return_residual=True)
+    (out, lse), pull = jax.vjp(fn, q, k, v)
+    grads = pull((do, jnp.zeros_like(lse)))
+    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
+        q, k, v, return_residual=True, **semantics)
+    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
+    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
+    oracle_grads, plain_grads = reference_grad_pair(q, k, v, do, **semantics)
+    for name, g, o, p, x in zip(("dq", "dk", "dv"), grads, oracle_grads,
+                                plain_grads, (q, k, v)):
+      assert g.shape == x.shape and g.dtype == x.dtype, name
+      assert_flash_close(g, o, p, factor=3, name=name,
+                         relative_floor=grad_floor)
+    return out, lse, grads
 
   @pytest.mark.parametrize("case", CASES, ids=str)
   def test_forward_matches_reference(self, rng, case):
@@ -79,13 +102,7 @@ class AttentionTestBase:
   @pytest.mark.parametrize("case", GRAD_CASES, ids=str)
   def test_gradients_match_reference(self, rng, case):
     q, k, v, do = draw_inputs(rng, case)
-    fn = lambda *a: self.attend(*a, is_causal=case.is_causal)
-    _, grads = vjp_triple(fn, q, k, v, do)
-    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=case.is_causal)
-    for name, g, o, p, x in zip(("dq", "dk", "dv"), grads, oracle, plain,
-                                (q, k, v)):
-      assert g.shape == x.shape and g.dtype == x.dtype, name
-      assert_flash_close(g, o, p, factor=3, name=name)
+    self.check_against_reference(q, k, v, do, is_causal=case.is_causal)
 
   @pytest.mark.parametrize("dtype", DTYPES)
   @pytest.mark.parametrize("is_causal", [False, True])
@@ -100,19 +117,13 @@ class AttentionTestBase:
     """
     case = Case(2, 113, 203, 4, 2, 64, 64, is_causal, dtype)
     q, k, v, do = draw_inputs(rng, case, scale=5.0)
-    fn = lambda *a: self.attend(*a, is_causal=is_causal)
-    out, grads = vjp_triple(fn, q, k, v, do)
-    (ref_out, ref_lse), (plain_out, _) = reference_pair(
-        q, k, v, is_causal=is_causal, return_residual=True)
-    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
-    lse_floor = 1e-5
+    grad_floor = 1e-5
     if dtype == "float32":
-      lse_floor = max(lse_floor,
-                      float(jnp.finfo(jnp.float32).eps * np.abs(ref_lse).max()))
-    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=is_causal)
-    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
-      assert_flash_close(g, o, p, factor=3, name=name,
-                         relative_floor=lse_floor)
+      ref_lse = oracle(q, k, v, is_causal=is_causal, return_residual=True)[1]
+      grad_floor = max(grad_floor,
+                       float(jnp.finfo(jnp.float32).eps * np.abs(ref_lse).max()))
+    self.check_against_reference(q, k, v, do, is_causal=is_causal,
+                                 grad_floor=grad_floor)
 
   @pytest.mark.parametrize("is_causal", [False, True])
   @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -126,23 +137,14 @@ class AttentionTestBase:
     if is_causal:  # out-of-range lengths clip to [0, T] / [0, S]
       q_lengths = q_lengths.at[0].set(500)
       kv_lengths = kv_lengths.at[3].set(-4)
-    kwargs = dict(is_causal=is_causal, query_seq_lengths=q_lengths,
-                  key_value_seq_lengths=kv_lengths)
-    fn = lambda *a: self.attend(*a, **kwargs, return_residual=True)
-    (out, lse), pull = jax.vjp(fn, q, k, v)
-    grads = pull((do, jnp.zeros_like(lse)))
-    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
-        q, k, v, return_residual=True, **kwargs)
-    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
-    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
+    out, lse, grads = self.check_against_reference(
+        q, k, v, do, is_causal=is_causal, query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths)
     for b in range(case.batch):
       assert not jnp.any(out[b, q_lengths[b]:]), "padded rows must be 0"
       assert jnp.all(lse[b, q_lengths[b]:] == -jnp.inf)
     assert not jnp.any(out[3]) and not jnp.any(grads[0][3])
     assert not jnp.any(grads[1][1, 64:]) and not jnp.any(grads[2][1, 64:])
-    oracle, plain = reference_grad_pair(q, k, v, do, **kwargs)
-    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
-      assert_flash_close(g, o, p, factor=3, name=name)
 
   @pytest.mark.parametrize("is_causal", [False, True])
   def test_small_blocks_many_tiles(self, rng, is_causal):
@@ -150,14 +152,8 @@ class AttentionTestBase:
     small size; results must not depend on the tiling."""
     case = Case(2, 100, 77, 4, 2, 32, 24, is_causal, "float32")
     q, k, v, do = draw_inputs(rng, case)
-    tiny = flash_jax.BlockSizes(*(16,) * 6)
-    fn = lambda *a: self.attend(*a, is_causal=is_causal, block_sizes=tiny)
-    out, grads = vjp_triple(fn, q, k, v, do)
-    ref_out, plain_out = reference_pair(q, k, v, is_causal=is_causal)
-    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
-    oracle, plain = reference_grad_pair(q, k, v, do, is_causal=is_causal)
-    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
-      assert_flash_close(g, o, p, factor=3, name=name)
+    self.check_against_reference(q, k, v, do, is_causal=is_causal,
+                                 block_sizes=TINY_TILES)
 
   @pytest.mark.parametrize("window, is_causal, alignment, sizes", [
       ((8, 8), False, "top_left", (97, 113)),
@@ -172,20 +168,9 @@ class AttentionTestBase:
                                       sizes, dtype):
     case = Case(2, *sizes, 4, 2, 64, 40, is_causal, dtype)
     q, k, v, do = draw_inputs(rng, case)
-    kwargs = dict(is_causal=is_causal, local_window_size=window,
-                  causal_alignment=alignment)
-    tiny = flash_jax.BlockSizes(*(16,) * 6)
-    fn = lambda *a: self.attend(*a, **kwargs, block_sizes=tiny,
-                                return_residual=True)
-    (out, lse), pull = jax.vjp(fn, q, k, v)
-    grads = pull((do, jnp.zeros_like(lse)))
-    (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
-        q, k, v, return_residual=True, **kwargs)
-    assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
-    assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
-    oracle, plain = reference_grad_pair(q, k, v, do, **kwargs)
-    for name, g, o, p in zip(("dq", "dk", "dv"), grads, oracle, plain):
-      assert_flash_close(g, o, p, factor=3, name=name)
+    self.check_against_reference(
+        q, k, v, do, is_causal=is_causal, local_window_size=window,
+        causal_alignment=alignment, block_sizes=TINY_TILES)
 
   def test_window_rows_with_very_negative_logits(self, rng):
     """A row whose first visited block is wholly outside its window, with
@@ -197,7 +182,7 @@ class AttentionTestBase:
     k = jnp.full((1, t, 1, h), 5.0)   # every logit is -25 * sqrt(h)
     v = jax.random.normal(rng, (1, t, 1, h))
     out = self.attend(q, k, v, is_causal=True, local_window_size=(4, 0),
-                      block_sizes=flash_jax.BlockSizes(*(16,) * 6))
+                      block_sizes=TINY_TILES)
     # Equal logits: each row averages the values of keys i-4 .. i.
     for i in (0, 3, 20, 31, 63):
       expected = v[0, max(0, i - 4):i + 1, 0].mean(axis=0)
