@@ -33,9 +33,9 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
   Returns:
     ``out`` ``[B, T, N, Hv]`` in the query's dtype and ``lse`` ``[B, N, T]``
     (natural log, of the undropped probabilities) in float32, or float64
-    when ``compute_dtype`` is. Rows that attend
-    nothing (padded queries, or every key masked) give output 0 and lse
-    -inf; their gradients are 0, not NaN.
+    when ``compute_dtype`` is. Rows that attend nothing (padded queries, or
+    every key masked) give output 0 and lse -inf; their gradients are 0,
+    not NaN.
   """
   arrays = arrays if arrays is not None else MaskArrays()
   out_dtype = query.dtype

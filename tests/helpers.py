@@ -89,16 +89,23 @@ def _float64(x):
 
 
 def _oracle_fn(q, k, v, kwargs):
-  """The reference in float64 on float64 copies, plus the call's finisher."""
+  """The reference in float64 on float64 copies, plus the call's finisher.
+
+  The returned ``attend(q, k, v)`` must run under ``jax.enable_x64``; it
+  adds the call's bias (if any) in float64 too.
+  """
   kwargs = dict(kwargs)
   return_residual = kwargs.pop("return_residual", False)
   call = api.canonicalize(q, k, v, **kwargs)
+  if not call.had_batch_dim:
+    raise ValueError("the oracle expects batched (4-D) inputs")
 
-  def attend(q, k, v, bias=None):
+  def attend(q, k, v):
+    bias = None if call.bias is None else _float64(call.bias)
     out, lse = reference.attention(q, k, v, bias, call.arrays,
                                    config=call.config,
                                    compute_dtype=jnp.float64)
-    return call.finish(out, lse.astype(jnp.float64), return_residual)
+    return call.finish(out, lse, return_residual)
 
   return call, attend
 
@@ -108,10 +115,7 @@ def oracle(q, k, v, **kwargs):
   call, attend = _oracle_fn(q, k, v, kwargs)
   with jax.enable_x64(True):
     result = attend(*(_float64(x) for x in (call.query, call.key, call.value)))
-    result = jax.tree.map(np.asarray, result)
-  if not call.had_batch_dim:
-    raise ValueError("oracle expects batched inputs")
-  return result
+    return jax.tree.map(np.asarray, result)
 
 
 def oracle_grads(q, k, v, do, **kwargs):
