@@ -106,8 +106,8 @@ class MaskSpec:
       that side unbounded.
     mask_fn: an optional jnp-traceable predicate ``mask_fn(batch, head,
       q_idx, kv_idx) -> bool`` (True = attend), evaluated element-wise. The
-      block ranges do not see it (skipping blocks for it needs a block map,
-      not built yet).
+      block ranges do not see it; `flash_jax.block_map` skips blocks for
+      it.
 
   Dynamic parts of the mask (per-batch ``q_len`` / ``kv_len`` from the
   padding sequence lengths, segment ids, a dense boolean mask) are passed to

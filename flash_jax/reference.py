@@ -74,7 +74,9 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
     allowed = allowed & (q_idx < per_batch(arrays.q_lengths))
   if arrays.mask is not None:
     allowed = allowed & arrays.mask
-  allowed = jnp.broadcast_to(allowed, logits.shape)
+  # A -inf bias masks its element like the boolean mask (so a row whose
+  # bias is all -inf is empty: output 0, lse -inf, as in the kernels).
+  allowed = jnp.broadcast_to(allowed, logits.shape) & (logits != -jnp.inf)
 
   # A finite stand-in keeps softmax and its gradient free of NaN on fully
   # masked rows; the `where` after it zeroes every masked probability.

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import flash_jax
-from helpers import (Case, assert_flash_close, draw_inputs, max_abs_error,
-                     oracle, reference_grad_pair, reference_pair, vjp_triple)
+from helpers import (Case, assert_flash_close, bias_grad_pair, draw_inputs,
+                     max_abs_error, oracle, reference_grad_pair,
+                     reference_pair, vjp_triple)
 
 SIZES = [(1, 1), (17, 17), (97, 97), (128, 128), (113, 203), (203, 113),
          (1023, 1024)]
@@ -66,16 +67,20 @@ class AttentionTestBase:
         q, k, v, implementation=self.implementation, **kwargs)
 
   def check_against_reference(self, q, k, v, do, *, block_sizes=None,
-                              grad_floor=1e-5, **semantics):
+                              grad_floor=1e-5, bias=None, **semantics):
     """FlashAttention's rule for out and lse (2x) and dq, dk, dv (3x, for
     output cotangent ``do``) against the reference with the same
-    ``semantics``. Returns ``(out, lse, (dq, dk, dv))`` for more checks."""
-    fn = lambda *a: self.attend(*a, **semantics, block_sizes=block_sizes,
-                                return_residual=True)
-    (out, lse), pull = jax.vjp(fn, q, k, v)
-    grads = pull((do, jnp.zeros_like(lse)))
+    ``semantics``, and for dbias (3x) when a ``bias`` is given. Returns
+    ``(out, lse, (dq, dk, dv))`` for more checks."""
+    fn = lambda q, k, v, bias: self.attend(
+        q, k, v, bias=bias, **semantics, block_sizes=block_sizes,
+        return_residual=True)
+    (out, lse), pull = jax.vjp(fn, q, k, v, bias)
+    *grads, dbias = pull((do, jnp.zeros_like(lse)))
+    semantics = dict(semantics, bias=bias) if bias is not None else semantics
     (ref_out, ref_lse), (plain_out, plain_lse) = reference_pair(
         q, k, v, return_residual=True, **semantics)
+    assert not jnp.any(jnp.isnan(out)) and not jnp.any(jnp.isnan(lse))
     assert_flash_close(out, ref_out, plain_out, factor=2, name="out")
     assert_flash_close(lse, ref_lse, plain_lse, factor=2, name="lse")
     oracle_grads, plain_grads = reference_grad_pair(q, k, v, do, **semantics)
@@ -84,7 +89,15 @@ class AttentionTestBase:
       assert g.shape == x.shape and g.dtype == x.dtype, name
       assert_flash_close(g, o, p, factor=3, name=name,
                          relative_floor=grad_floor)
-    return out, lse, grads
+    if bias is not None:
+      semantics = dict(semantics)
+      oracle_dbias, plain_dbias = bias_grad_pair(q, k, v, do,
+                                                 semantics.pop("bias"),
+                                                 **semantics)
+      assert dbias.shape == bias.shape and dbias.dtype == bias.dtype
+      assert_flash_close(dbias, oracle_dbias, plain_dbias, factor=3,
+                         name="dbias", relative_floor=grad_floor)
+    return out, lse, tuple(grads)
 
   @pytest.mark.parametrize("case", CASES, ids=str)
   def test_forward_matches_reference(self, rng, case):
@@ -176,6 +189,200 @@ class AttentionTestBase:
     self.check_against_reference(
         q, k, v, do, is_causal=is_causal, local_window_size=window,
         causal_alignment=alignment, block_sizes=TINY_TILES)
+
+  # -- Features (issue 3): each alone and in pairs, FlashAttention's rule. --
+
+  @pytest.mark.parametrize("bias_shape", [
+      (2, 4, 97, 113), (1, 4, 97, 113), (2, 1, 97, 113), (1, 1, 1, 113),
+      (1, 1, 97, 1), (1, 4, 1, 113)])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_bias_and_its_gradient(self, rng, bias_shape, dtype):
+    """Full and broadcast biases: out, lse and every gradient (dbias in the
+    bias's own shape) match the reference."""
+    case = Case(2, 97, 113, 4, 2, 64, 48, False, dtype)
+    q, k, v, do = draw_inputs(rng, case)
+    bias = jax.random.normal(jax.random.fold_in(rng, 7), bias_shape,
+                             q.dtype) * 2
+    self.check_against_reference(q, k, v, do, bias=bias,
+                                 block_sizes=TINY_TILES)
+
+  @pytest.mark.parametrize("mask_shape", [
+      (2, 4, 97, 113), (2, 1, 1, 113), (1, 4, 97, 1), (1, 1, 97, 113)])
+  def test_dense_mask(self, rng, mask_shape):
+    case = Case(2, 97, 113, 4, 2, 64, 64, False, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, 7), 0.6, mask_shape)
+    self.check_against_reference(q, k, v, do, mask=mask,
+                                 block_sizes=TINY_TILES)
+
+  def test_bias_with_mask_and_causal(self, rng):
+    case = Case(2, 113, 203, 4, 1, 64, 64, True, "float16")
+    q, k, v, do = draw_inputs(rng, case)
+    bias = jax.random.normal(jax.random.fold_in(rng, 7), (1, 4, 113, 203),
+                             q.dtype)
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, 8), 0.8,
+                                (2, 1, 113, 203))
+    self.check_against_reference(q, k, v, do, bias=bias, mask=mask,
+                                 is_causal=True, block_sizes=TINY_TILES)
+
+  @pytest.mark.parametrize("is_causal", [False, True])
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_segment_ids(self, rng, is_causal, dtype):
+    """Packed documents (sorted ids), alone and with causal; T != S with
+    bottom-right alignment as in chunked prefill."""
+    case = Case(2, 97, 130, 4, 2, 64, 64, is_causal, dtype)
+    q, k, v, do = draw_inputs(rng, case)
+    q_ids = jnp.sort(jax.random.randint(jax.random.fold_in(rng, 7),
+                                        (2, 97), 0, 4), axis=1)
+    kv_ids = jnp.sort(jax.random.randint(jax.random.fold_in(rng, 8),
+                                         (2, 130), 0, 4), axis=1)
+    self.check_against_reference(
+        q, k, v, do, is_causal=is_causal, query_segment_ids=q_ids,
+        kv_segment_ids=kv_ids,
+        causal_alignment="bottom_right" if is_causal else "top_left",
+        block_sizes=TINY_TILES)
+
+  def test_unsorted_segment_ids_with_padding(self, rng):
+    """Ids need not be sorted (the block map is then conservative)."""
+    case = Case(3, 64, 80, 2, 2, 32, 32, False, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    q_ids = jax.random.randint(jax.random.fold_in(rng, 7), (3, 64), 0, 3)
+    kv_ids = jax.random.randint(jax.random.fold_in(rng, 8), (3, 80), 0, 3)
+    self.check_against_reference(
+        q, k, v, do, query_segment_ids=q_ids, kv_segment_ids=kv_ids,
+        query_seq_lengths=jnp.array([64, 30, 0]),
+        key_value_seq_lengths=jnp.array([80, 17, 50]),
+        block_sizes=TINY_TILES)
+
+  def test_window_with_gqa(self, rng):
+    case = Case(2, 130, 130, 6, 2, 64, 64, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    self.check_against_reference(q, k, v, do, is_causal=True,
+                                 local_window_size=(40, 0),
+                                 block_sizes=TINY_TILES)
+
+  def test_mask_fn_with_segments(self, rng):
+    """A prefix-LM mask_fn (keys < 20 always visible) on packed segments."""
+    case = Case(2, 97, 97, 4, 2, 64, 64, False, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    ids = jnp.sort(jax.random.randint(jax.random.fold_in(rng, 7), (2, 97),
+                                      0, 3), axis=1)
+    prefix_lm = lambda b, h, i, j: (j <= i) | (j < 20)
+    self.check_against_reference(
+        q, k, v, do, mask_fn=prefix_lm, query_segment_ids=ids,
+        kv_segment_ids=ids, block_sizes=TINY_TILES)
+
+  def test_mask_fn_sees_batch_and_head(self, rng):
+    """Chunked attention whose chunk size depends on the head, and a batch
+    row that sees only even keys."""
+    case = Case(2, 70, 90, 4, 2, 32, 32, False, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+
+    def chunked(b, h, i, j):
+      chunk = 16 * (h + 1)
+      return ((i // chunk) == (j // chunk)) & ((b == 0) | (j % 2 == 0))
+
+    self.check_against_reference(q, k, v, do, mask_fn=chunked,
+                                 block_sizes=TINY_TILES)
+
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_soft_cap(self, rng, dtype):
+    case = Case(2, 97, 113, 4, 2, 64, 64, True, dtype)
+    q, k, v, do = draw_inputs(rng, case, scale=3.0)  # logits reach the cap
+    bias = jax.random.normal(jax.random.fold_in(rng, 7), (1, 1, 97, 113),
+                             q.dtype)
+    self.check_against_reference(q, k, v, do, is_causal=True, bias=bias,
+                                 logits_soft_cap=5.0, block_sizes=TINY_TILES)
+
+  @pytest.mark.parametrize("broadcast", [False, True])
+  def test_dropout(self, rng, broadcast):
+    """The same keep mask as the reference (both regenerate it from the
+    hash), in the forward and the backward."""
+    case = Case(2, 97, 113, 4, 2, 64, 64, True, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    self.check_against_reference(
+        q, k, v, do, is_causal=True, dropout_rate=0.3,
+        dropout_rng=jax.random.fold_in(rng, 7), broadcast_dropout=broadcast,
+        block_sizes=TINY_TILES)
+
+  def test_soft_cap_with_dropout(self, rng):
+    case = Case(2, 65, 80, 4, 1, 64, 64, False, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case, scale=3.0)
+    self.check_against_reference(
+        q, k, v, do, logits_soft_cap=8.0, dropout_rate=0.2,
+        dropout_rng=jax.random.fold_in(rng, 7), block_sizes=TINY_TILES)
+
+  def test_output_equals_reference_fed_the_rebuilt_keep_mask(self, rng):
+    """`flash_jax.dropout_keep_mask` is the mask the kernel applied."""
+    case = Case(2, 33, 40, 2, 1, 32, 32, False, "float32")
+    q, k, v, _ = draw_inputs(rng, case)
+    rate, key = 0.25, jax.random.fold_in(rng, 7)
+    keep = flash_jax.dropout_keep_mask(key, rate, (2, 2, 33, 40))
+    out = self.attend(q, k, v, dropout_rate=rate, dropout_rng=key)
+    kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk,
+                        precision="highest") / np.sqrt(32)
+    probs = jnp.where(keep, jax.nn.softmax(logits, -1) / (1 - rate), 0)
+    expected = jnp.einsum("bnts,bsnh->btnh", probs, vv, precision="highest")
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
+
+  def test_dropout_determinism_and_rate_zero(self, rng):
+    case = Case(2, 40, 50, 2, 2, 32, 32, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    key = jax.random.fold_in(rng, 7)
+    fn = lambda rate: jax.jit(lambda *a: vjp_triple(
+        lambda *b: self.attend(*b, is_causal=True, dropout_rate=rate,
+                               dropout_rng=key), *a))
+    first = jax.tree.leaves(fn(0.2)(q, k, v, do))
+    second = jax.tree.leaves(fn(0.2)(q, k, v, do))
+    for a, b in zip(first, second):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    plain = jax.jit(lambda *a: vjp_triple(
+        lambda *b: self.attend(*b, is_causal=True), *a))
+    for a, b in zip(jax.tree.leaves(fn(0.0)(q, k, v, do)),
+                    jax.tree.leaves(plain(q, k, v, do))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  def test_fully_masked_rows_in_every_combination(self, rng):
+    """Rows emptied by the dense mask, by segments, by mask_fn and by an
+    all -inf bias row give out 0, lse -inf and zero gradients, never NaN,
+    with dropout and causal on too. (No soft-cap here: it maps a -inf bias
+    to a finite -cap, so that row would not be empty.)"""
+    case = Case(2, 50, 60, 4, 2, 32, 32, True, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    mask = jnp.ones((2, 1, 50, 60), bool).at[:, :, 5].set(False)
+    q_ids = jnp.zeros((2, 50), jnp.int32).at[:, 7].set(9)
+    kv_ids = jnp.zeros((2, 60), jnp.int32)
+    bias = jax.random.normal(rng, (1, 4, 50, 60)).at[:, :, 11].set(-jnp.inf)
+    no_row_20 = lambda b, h, i, j: i != 20
+    semantics = dict(mask=mask, query_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                     mask_fn=no_row_20, dropout_rate=0.1, dropout_rng=jax.random.fold_in(rng, 7),
+                     is_causal=True, block_sizes=TINY_TILES)
+    fn = lambda q, k, v, b: self.attend(q, k, v, bias=b, **semantics,
+                                        return_residual=True)
+    (out, lse), pull = jax.vjp(fn, q, k, v, bias)
+    dq, dk, dv, dbias = pull((do, jnp.ones_like(lse)))
+    for row in (5, 7, 11, 20):
+      assert not jnp.any(out[:, row]) and jnp.all(lse[:, row] == -jnp.inf)
+      assert not jnp.any(dq[:, row]) and not jnp.any(dbias[:, :, row])
+    for x in (out, dq, dk, dv, dbias):
+      assert not jnp.any(jnp.isnan(x))
+
+  def test_features_are_bitwise_deterministic(self, rng):
+    case = Case(2, 70, 90, 4, 2, 32, 32, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    bias = jax.random.normal(rng, (1, 4, 70, 90), q.dtype)
+    ids = jnp.sort(jax.random.randint(rng, (2, 70), 0, 3), axis=1)
+    kv_ids = jnp.sort(jax.random.randint(rng, (2, 90), 0, 3), axis=1)
+    fn = jax.jit(lambda q, k, v, b, do: jax.vjp(
+        lambda *a: self.attend(
+            *a[:3], bias=a[3], is_causal=True, query_segment_ids=ids,
+            kv_segment_ids=kv_ids, logits_soft_cap=20.0, dropout_rate=0.1,
+            dropout_rng=jax.random.fold_in(rng, 7), block_sizes=TINY_TILES),
+        q, k, v, b)[1](do))
+    first, second = fn(q, k, v, bias, do), fn(q, k, v, bias, do)
+    for a, b in zip(first, second):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
   def test_window_rows_with_very_negative_logits(self, rng):
     """A row whose first visited block is wholly outside its window, with

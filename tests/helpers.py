@@ -145,3 +145,23 @@ def reference_grad_pair(q, k, v, do, **kwargs):
       lambda *a: reference.dot_product_attention(
           *a, compute_dtype=q.dtype, **kwargs), q, k, v, do)[1]
   return oracle_grads(q, k, v, do, **kwargs), plain
+
+
+def bias_grad_pair(q, k, v, do, bias, **kwargs):
+  """dbias of the float64 oracle and of the plain same-dtype attention, for
+  output cotangent ``do`` (``bias`` 4-D, so its canonical form is itself)."""
+  call, _ = _oracle_fn(q, k, v, dict(kwargs, bias=bias))
+  assert call.bias.shape == bias.shape
+
+  def oracle_out(b):
+    out, lse = reference.attention(
+        *(_float64(x) for x in (call.query, call.key, call.value)), b,
+        call.arrays, config=call.config, compute_dtype=jnp.float64)
+    return out
+
+  with jax.enable_x64(True):
+    _, pull = jax.vjp(oracle_out, _float64(bias))
+    oracle_dbias = np.asarray(pull(_float64(do))[0])
+  _, pull = jax.vjp(lambda b: reference.dot_product_attention(
+      q, k, v, b, compute_dtype=q.dtype, **kwargs), bias)
+  return oracle_dbias, pull(do)[0]

@@ -121,23 +121,21 @@ def test_bad_feature_arguments_raise_value_error(qkv, kwargs, message):
     flash_jax.dot_product_attention(*qkv, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, feature", [
-    (dict(bias=jnp.ones((1, 1, T, S))), "bias"),
-    (dict(mask=jnp.ones((1, 1, T, S), bool)), "mask"),
-    (dict(logits_soft_cap=30.0), "logits_soft_cap"),
-    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)), "dropout"),
-])
-def test_kernel_backend_names_what_it_does_not_implement(qkv, kwargs, feature):
-  """Features the Triton kernels lack are refused by name (never ignored),
-  and a sequence of implementations falls through to the reference."""
-  with pytest.raises(NotImplementedError, match=feature):
-    flash_jax.dot_product_attention(*qkv, implementation="pallas_triton",
-                                    **kwargs)
-  out = flash_jax.dot_product_attention(
+@pytest.mark.parametrize("kwargs", [
+    dict(bias=jnp.ones((1, 1, T, S))),
+    dict(mask=jnp.ones((1, 1, T, S), bool)),
+    dict(logits_soft_cap=30.0),
+    dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+    dict(mask_fn=lambda b, h, i, j: j <= i + 2),
+], ids=["bias", "mask", "soft_cap", "dropout", "mask_fn"])
+def test_kernel_backend_takes_every_feature(qkv, kwargs):
+  """No feature makes the Triton backend fall through to the reference:
+  with a sequence of implementations, the kernel's result is returned."""
+  kernel = flash_jax.dot_product_attention(
+      *qkv, implementation="pallas_triton", **kwargs)
+  chosen = flash_jax.dot_product_attention(
       *qkv, implementation=["pallas_triton", "xla"], **kwargs)
-  expected = flash_jax.dot_product_attention(*qkv, implementation="xla",
-                                             **kwargs)
-  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(chosen, kernel)
 
 
 def test_fallthrough_lists_every_reason(qkv, monkeypatch):

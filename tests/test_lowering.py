@@ -8,6 +8,8 @@ Triton -> PTX compile happens inside XLA on a real GPU (scripts/gpu_check.sh).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -115,3 +117,79 @@ def test_lowering_catches_what_interpret_mode_accepts():
   x = jax.ShapeDtypeStruct((96, 128), jnp.float32)
   with pytest.raises(ValueError, match="power of 2"):
     lower_for_h100(double, x)
+
+
+def _prefix_lm(batch, head, q_idx, kv_idx):
+  del batch, head
+  return (kv_idx <= q_idx) | (kv_idx < 64)
+
+
+# (B, T, S, N, K, H, Hv, dtype, bias shape or None, extra semantics)
+FEATURE_CASES = {
+    "bias_heads_mask_causal": (
+        2, 1000, 1000, 8, 2, 128, 128, jnp.bfloat16, (1, 8, 1000, 1000),
+        dict(is_causal=True, mask=(2, 1, 1, 1000))),
+    "full_bias_window_f32": (
+        2, 97, 113, 4, 4, 40, 40, jnp.float32, (2, 4, 97, 113),
+        dict(local_window_size=(16, 8))),
+    "row_bias_broadcast_dropout": (
+        2, 256, 300, 4, 1, 64, 64, jnp.bfloat16, (1, 1, 1, 300),
+        dict(dropout_rate=0.1, broadcast_dropout=True)),
+    "segments_causal_lengths": (
+        2, 1023, 1024, 4, 2, 64, 64, jnp.bfloat16, None,
+        dict(is_causal=True, segments=True, lengths=True)),
+    "mask_fn_gqa": (
+        1, 513, 513, 8, 2, 128, 128, jnp.float16, None,
+        dict(mask_fn=_prefix_lm)),
+    "soft_cap_dropout": (
+        2, 200, 177, 4, 2, 111, 96, jnp.float16, None,
+        dict(logits_soft_cap=30.0, dropout_rate=0.2, is_causal=True)),
+    "everything": (
+        2, 300, 300, 4, 2, 64, 64, jnp.bfloat16, (2, 1, 300, 300),
+        dict(is_causal=True, segments=True, mask=(1, 4, 300, 300),
+             mask_fn=_prefix_lm, logits_soft_cap=20.0, dropout_rate=0.1,
+             lengths=True)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_CASES))
+def test_feature_kernels_lower_for_h100(name):
+  """Bias (and dbias), dense masks, segment ids, mask_fn, soft-cap and
+  dropout reach Triton IR in every kernel."""
+  from flash_jax import api
+
+  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, value_dim, dtype,
+   bias_shape, extra) = FEATURE_CASES[name]
+  extra = dict(extra)
+  mask_shape = extra.pop("mask", None)
+  with_segments = extra.pop("segments", False)
+  with_lengths = extra.pop("lengths", False)
+  if extra.get("dropout_rate"):
+    extra["dropout_rng"] = jax.random.key(0)
+  sd = jax.ShapeDtypeStruct
+  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
+                     value_dim, dtype)
+  bias = None if bias_shape is None else sd(bias_shape, dtype)
+  mask = None if mask_shape is None else sd(mask_shape, jnp.bool_)
+  q_ids, kv_ids = sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32)
+  lengths = sd((batch,), jnp.int32)
+
+  def loss(q, k, v, bias, mask, q_ids, kv_ids, q_lengths, kv_lengths):
+    call = api.canonicalize(
+        q, k, v, bias=bias, mask=mask,
+        query_segment_ids=q_ids if with_segments else None,
+        kv_segment_ids=kv_ids if with_segments else None,
+        query_seq_lengths=q_lengths if with_lengths else None,
+        key_value_seq_lengths=kv_lengths if with_lengths else None, **extra)
+    config = dataclasses.replace(call.config, implementation="pallas_triton",
+                                 interpret=False)
+    out, lse = flash_attention(config, call.query, call.key, call.value,
+                               call.bias, call.arrays)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  text = lower_for_h100(jax.value_and_grad(loss, argnums=argnums), q, k, v,
+                        bias, mask, q_ids, kv_ids, lengths, lengths)
+  # forward, dK/dV, dQ, and dbias with a bias.
+  assert text.count(TRITON_CALL) == 3 + (bias is not None)

@@ -6,7 +6,7 @@ it lives in this package, reached only through the backend registry.
 
 from __future__ import annotations
 
-from flash_jax import platform
+from flash_jax import block_map, platform
 from flash_jax.config import MAX_HEAD_DIM, AttentionConfig
 from flash_jax.backends.pallas_triton import backward as _backward
 from flash_jax.backends.pallas_triton import common as _common
@@ -23,24 +23,10 @@ def _tiling(config: AttentionConfig, query, key, value):
                                 key.shape[1])
 
 
-def _unsupported_features(config: AttentionConfig, bias, arrays) -> list[str]:
-  spec = config.mask
-  return [name for name, used in (
-      ("bias", bias is not None),
-      ("mask", arrays.mask is not None),
-      ("segment ids", arrays.q_segment_ids is not None),
-      ("mask_fn", spec.mask_fn is not None),
-      ("logits_soft_cap", config.logits_soft_cap is not None),
-      ("dropout", config.dropout_rate > 0)) if used]
-
-
 def check_supported(config: AttentionConfig, query, key, value, bias,
                     arrays) -> None:
   """Raises NotImplementedError(reason) if this backend cannot take the call."""
-  unsupported = _unsupported_features(config, bias, arrays)
-  if unsupported:
-    raise NotImplementedError(
-        f"{NAME} does not implement {', '.join(unsupported)} yet")
+  del bias, arrays  # every mask, bias, soft-cap and dropout is supported
   if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
     raise NotImplementedError(
         f"{NAME} supports head dims up to {MAX_HEAD_DIM}, got "
@@ -52,21 +38,31 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
                                 "it in Pallas interpret mode)")
 
 
+def _states(config: AttentionConfig, query, key, arrays, block_q: int,
+            block_kv: int):
+  return block_map.block_states(
+      config.mask, arrays, batch=query.shape[0], num_heads=query.shape[2],
+      q_seq=query.shape[1], kv_seq=key.shape[1], block_q=block_q,
+      block_kv=block_kv)
+
+
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
-  assert not _unsupported_features(config, bias, arrays)
   tiling = _tiling(config, query, key, value)
   params = _common.kernel_params(config, query, key, value,
                                  block_q=tiling.block_q,
                                  block_kv=tiling.block_kv, tiling=tiling)
-  return _forward.forward(params, query, key, value, arrays.q_lengths,
-                          arrays.kv_lengths)
+  kv_lists = None
+  if block_map.needs_map(config.mask, arrays):
+    kv_lists = block_map.kv_lists(_states(config, query, key, arrays,
+                                          tiling.block_q, tiling.block_kv))
+  return _forward.forward(params, query, key, value, bias, arrays, kv_lists)
 
 
 def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
              lse, dout, dlse):
-  """Returns ``(dq, dk, dv, None)`` for cotangents ``dout`` and ``dlse``."""
-  assert not _unsupported_features(config, bias, arrays)
+  """Returns ``(dq, dk, dv, dbias)`` for cotangents ``dout`` and ``dlse``
+  (dbias None without a bias)."""
   tiling = _tiling(config, query, key, value)
   params_dkv = _common.kernel_params(config, query, key, value,
                                      block_q=tiling.block_q_dkv,
@@ -76,9 +72,15 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
                                     block_q=tiling.block_q_dq,
                                     block_kv=tiling.block_kv_dq,
                                     tiling=tiling)
-  dq, dk, dv = _backward.backward(params_dkv, params_dq, query, key, value,
-                                  arrays.q_lengths, arrays.kv_lengths, out,
-                                  lse, dout, dlse)
-  return dq, dk, dv, None
-
-
+  q_lists = kv_lists = dq_states = None
+  if block_map.needs_map(config.mask, arrays) or bias is not None:
+    dq_states = _states(config, query, key, arrays, tiling.block_q_dq,
+                        tiling.block_kv_dq)
+  if block_map.needs_map(config.mask, arrays):
+    q_lists = block_map.q_lists(_states(config, query, key, arrays,
+                                        tiling.block_q_dkv,
+                                        tiling.block_kv_dkv))
+    kv_lists = block_map.kv_lists(dq_states)
+  return _backward.backward(params_dkv, params_dq, query, key, value, bias,
+                            arrays, out, lse, dout, dlse, q_lists=q_lists,
+                            kv_lists=kv_lists, dbias_states=dq_states)

@@ -4,6 +4,7 @@ masked tile loads and the pallas_call plumbing."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -11,8 +12,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from flash_jax import dropout
 from flash_jax.config import AttentionConfig, BlockSizes
-from flash_jax.masks import MaskSpec
+from flash_jax.masks import BlockRange, MaskSpec
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -44,6 +46,9 @@ class KernelParams:
   num_warps: int
   num_stages: int
   interpret: bool
+  logits_soft_cap: float | None = None
+  dropout_rate: float = 0.0
+  dropout_broadcast: bool = False
 
   @property
   def groups(self) -> int:
@@ -134,7 +139,9 @@ def kernel_params(config: AttentionConfig, query, key, value, *,
       value_head_dim=value.shape[-1], dtype=query.dtype, mask=config.mask,
       scale=config.scale, block_q=block_q, block_kv=block_kv,
       num_warps=tiling.num_warps, num_stages=tiling.num_stages,
-      interpret=config.interpret)
+      interpret=config.interpret, logits_soft_cap=config.logits_soft_cap,
+      dropout_rate=config.dropout_rate,
+      dropout_broadcast=config.dropout_broadcast)
 
 
 def round_up(n: int, block: int) -> int:
@@ -183,7 +190,7 @@ def load_tile(ref, rows_valid=None, cols_valid=None, other=0.0):
   mask = _tile_mask(ref.shape, rows_valid, cols_valid)
   if mask is None:
     return ref[...]
-  return plgpu.load(ref, mask=mask, other=other)
+  return plgpu.load(ref, mask=mask, other=jnp.asarray(other, ref.dtype))
 
 
 def store_tile(ref, value, rows_valid=None, cols_valid=None):
@@ -199,7 +206,7 @@ def load_vector(ref, valid=None, other=0.0):
   """Loads a 1-D tile (lse, delta), filling invalid lanes with ``other``."""
   if valid is None:
     return ref[...]
-  return plgpu.load(ref, mask=valid, other=other)
+  return plgpu.load(ref, mask=valid, other=jnp.asarray(other, ref.dtype))
 
 
 def store_vector(ref, value, valid=None):
@@ -223,3 +230,235 @@ def dot(a, b, params: KernelParams, *, trans_a=False, trans_b=False):
 
 
 SQUEEZED = pl.squeezed
+
+
+# ---------------------------------------------------------------------------
+# Optional inputs. Kernels take their refs by name so that each feature adds
+# its operands without changing any signature.
+
+
+class Refs:
+  """A kernel's input refs by name (absent features give None)."""
+
+  def __init__(self, names: tuple[str, ...], refs):
+    self._refs = dict(zip(names, refs))
+
+  def __getattr__(self, name):
+    if name.startswith("_"):
+      raise AttributeError(name)
+    return self._refs.get(name)
+
+
+class Inputs:
+  """Builds a pallas_call's operand list, its BlockSpecs and the names the
+  kernel unpacks them by (`Refs`)."""
+
+  def __init__(self):
+    self.names, self.arrays, self.specs = [], [], []
+
+  def add(self, name: str, array, spec):
+    if array is not None:
+      self.names.append(name)
+      self.arrays.append(array)
+      self.specs.append(spec)
+
+
+def load_pair_tile(ref, prefix: tuple, q_rows, kv_rows, q_valid, kv_valid,
+                   shape):
+  """Loads a bias/mask tile and broadcasts it to ``shape``.
+
+  ``ref``'s last two dims are either the tile's own (selected by ``q_rows`` /
+  ``kv_rows``) or 1 (broadcast); ``prefix`` indexes its leading dims. One
+  indexer per load: Triton's lowering takes no chained ``.at``.
+  """
+  q_full, kv_full = ref.shape[-2] > 1, ref.shape[-1] > 1
+  view = ref.at[(*prefix, q_rows if q_full else pl.ds(0, 1),
+                 kv_rows if kv_full else pl.ds(0, 1))]
+  tile = load_tile(view, q_valid if q_full else None,
+                   kv_valid if kv_full else None)
+  return jnp.broadcast_to(tile, shape)
+
+
+# ---------------------------------------------------------------------------
+# The per-tile math every kernel shares.
+
+
+@dataclasses.dataclass(frozen=True)
+class TileContext:
+  """What one program knows about its rows for masking and dropout."""
+
+  batch: jax.Array       # batch index
+  kv_len: jax.Array      # valid keys of this batch row
+  seed: tuple | None     # dropout hash key words, or None
+
+
+def element_mask(p: KernelParams, ctx: TileContext, head, q_idx, kv_idx, *,
+                 q_segment=None, kv_segment=None, dense=None):
+  """The ``[block_q, block_kv]`` mask of a partial block (True = attend)."""
+  segments = {}
+  if q_segment is not None:
+    segments = dict(q_segment=q_segment[:, None],
+                    kv_segment=kv_segment[None, :])
+  allowed = p.mask.allows(q_idx[:, None], kv_idx[None, :], ctx.kv_len,
+                          batch=ctx.batch, head=head, **segments)
+  if dense is not None:
+    allowed = allowed & (dense != 0)
+  return allowed
+
+
+def scores(q, k, p: KernelParams, bias=None):
+  """Logits in log2 units (``logits * log2(e)``), and ``tanh`` of the
+  soft-capped logits (for its gradient) or None.
+
+  Without a soft-cap, log2(e) is folded into the scale (one multiply per
+  element); with one, ``cap * tanh((s * scale + bias) / cap)`` with 1/cap
+  folded into the scale and ``cap * log2(e)`` into the output.
+  """
+  s = dot(q, k, p, trans_b=True)
+  cap = p.logits_soft_cap
+  if cap is None:
+    logits = s * p.qk_scale_log2
+    if bias is not None:
+      logits = logits + bias.astype(jnp.float32) * LOG2_E
+    return logits, None
+  x = s * (p.scale / cap)
+  if bias is not None:
+    x = x + bias.astype(jnp.float32) * (1.0 / cap)
+  tanh = jnp.tanh(x)
+  return tanh * (cap * LOG2_E), tanh
+
+
+def dropout_scale(p: KernelParams, ctx: TileContext, head, q_idx, kv_idx):
+  """``keep / (1 - rate)`` per element, from the counter-based hash (the
+  same function `flash_jax.dropout.keep_mask` evaluates outside)."""
+  zero = jnp.uint32(0)
+  batch = zero if p.dropout_broadcast else ctx.batch.astype(jnp.uint32)
+  head = zero if p.dropout_broadcast else jnp.asarray(head).astype(jnp.uint32)
+  keep = dropout.keep_from_indices(
+      ctx.seed, p.dropout_rate, batch, head,
+      q_idx.astype(jnp.uint32)[:, None], kv_idx.astype(jnp.uint32)[None, :])
+  return jnp.where(keep, jnp.float32(1.0 / (1.0 - p.dropout_rate)), 0.0)
+
+
+def load_seed(seed_ref):
+  """The two dropout key words, or None without dropout."""
+  if seed_ref is None:
+    return None
+  return seed_ref[0], seed_ref[1]
+
+
+def backward_tile(p: KernelParams, ctx: TileContext, head, q, k, v, do,
+                  lse_log2, delta, q_idx, kv_idx, *, bias=None, allowed=None):
+  """Recomputes one tile of the backward (FlashAttention-2, Algorithm 2).
+
+  Returns ``(probs_kept, dlogits)``: the dropped-and-rescaled probabilities
+  (for dV) and the gradient of the pre-soft-cap logits ``s * scale + bias``
+  (for dQ, dK and dbias).
+  """
+  logits, tanh = scores(q, k, p, bias)
+  probs = jnp.exp2(logits - lse_log2[:, None])
+  if allowed is not None:
+    probs = jnp.where(allowed, probs, 0.0)
+  dprobs = dot(do, v, p, trans_b=True)
+  probs_kept = probs
+  if p.dropout_rate > 0:
+    # dO flows only through kept probabilities; D = rowsum(dO * O) already
+    # equals rowsum(P * dP) with dP taken through the dropout.
+    keep_scale = dropout_scale(p, ctx, head, q_idx, kv_idx)
+    probs_kept = probs * keep_scale
+    dprobs = dprobs * keep_scale
+  dlogits = probs * (dprobs - delta[:, None])
+  if tanh is not None:
+    dlogits = dlogits * (1.0 - tanh * tanh)
+  return probs_kept, dlogits
+
+
+# ---------------------------------------------------------------------------
+# Block schedules: a static range split (causal, window, padding) or lists
+# from `flash_jax.block_map` (segments, dense mask, mask_fn).
+
+
+@dataclasses.dataclass(frozen=True)
+class ListSchedule:
+  """Column blocks to visit from a block-map row: ``blocks_ref[*prefix, t]``
+  for ``t < num_partial`` are partial, the next ``num_full`` are full."""
+
+  blocks_ref: object
+  prefix: tuple
+  num_partial: jax.Array
+  num_full: jax.Array
+
+  def block(self, t):
+    return self.blocks_ref[(*self.prefix, t)]
+
+
+def visit_blocks(schedule, step, carry):
+  """Runs ``step(block, carry, masked=...)`` over the scheduled blocks:
+  partial blocks with ``masked=True``, full blocks with ``masked=False``."""
+  masked = functools.partial(step, masked=True)
+  unmasked = functools.partial(step, masked=False)
+  if isinstance(schedule, BlockRange):
+    carry = jax.lax.fori_loop(schedule.lo, schedule.full_lo, masked, carry)
+    carry = jax.lax.fori_loop(schedule.full_lo, schedule.full_hi, unmasked,
+                              carry)
+    return jax.lax.fori_loop(schedule.full_hi, schedule.hi, masked, carry)
+  carry = jax.lax.fori_loop(
+      0, schedule.num_partial, lambda t, c: masked(schedule.block(t), c),
+      carry)
+  return jax.lax.fori_loop(
+      schedule.num_partial, schedule.num_partial + schedule.num_full,
+      lambda t, c: unmasked(schedule.block(t), c), carry)
+
+
+def list_schedule(blocks_ref, counts_ref, prefix: tuple = ()) -> ListSchedule:
+  """The `ListSchedule` of a block-map row (``prefix`` picks the row)."""
+  return ListSchedule(blocks_ref, prefix, counts_ref[(*prefix, 0)],
+                      counts_ref[(*prefix, 1)])
+
+
+def q_major_pair_spec(x, block_q: int, kv_rows: int):
+  """BlockSpec of a bias/mask ``[Bx, Nx, Tx, Sx]`` (dims 1 or full) for a
+  kernel whose grid is ``(query block, batch, head)`` and that walks the
+  whole key axis: one query tile by all key rows, broadcast dims kept at 1."""
+  b_dim, n_dim, t_dim, s_dim = x.shape
+  return pl.BlockSpec(
+      (SQUEEZED, SQUEEZED, block_q if t_dim > 1 else 1,
+       kv_rows if s_dim > 1 else 1),
+      lambda i, b, n: (b if b_dim > 1 else 0, n if n_dim > 1 else 0,
+                       i if t_dim > 1 else 0, 0))
+
+
+def kv_major_pair_spec(x, block_kv: int, q_rows: int, groups: int):
+  """BlockSpec of a bias/mask for a kernel whose grid is ``(key block,
+  batch, kv head)`` and that walks the query heads of its GQA group and the
+  whole query axis."""
+  b_dim, n_dim, t_dim, s_dim = x.shape
+  return pl.BlockSpec(
+      (SQUEEZED, groups if n_dim > 1 else 1, q_rows if t_dim > 1 else 1,
+       block_kv if s_dim > 1 else 1),
+      lambda j, b, h: (b if b_dim > 1 else 0, h if n_dim > 1 else 0, 0,
+                       j if s_dim > 1 else 0))
+
+
+def q_major_list_specs(lists):
+  """BlockSpecs of `flash_jax.block_map.BlockLists` for a ``(query block,
+  batch, head)`` grid: one query block's row of key blocks."""
+  b_dim, n_dim, _, num_cols = lists.blocks.shape
+  index = lambda i, b, n: (b if b_dim > 1 else 0, n if n_dim > 1 else 0, i, 0)
+  return (pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, num_cols), index),
+          pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, 2), index))
+
+
+def kv_major_list_specs(lists, groups: int):
+  """BlockSpecs of `BlockLists` (query blocks per key block) for a ``(key
+  block, batch, kv head)`` grid: the rows of the group's query heads."""
+  b_dim, n_dim, _, num_cols = lists.blocks.shape
+  heads = groups if n_dim > 1 else 1
+  index = lambda j, b, h: (b if b_dim > 1 else 0, h if n_dim > 1 else 0, j, 0)
+  return (pl.BlockSpec((SQUEEZED, heads, SQUEEZED, num_cols), index),
+          pl.BlockSpec((SQUEEZED, heads, SQUEEZED, 2), index))
+
+
+def mask_as_int8(mask):
+  """Dense masks travel as int8 (Triton loads bytes, not i1)."""
+  return None if mask is None else mask.astype(jnp.int8)

@@ -10,6 +10,12 @@ the exponentials are ``exp2``.
 The key loop is split by the mask vocabulary into masked and unmasked phases:
 blocks with nothing to attend are never visited, and only blocks on a mask
 boundary (the causal diagonal, the key tail) pay for element-wise masking.
+Masks a range cannot describe (segment ids, a dense mask, ``mask_fn``) come
+with a block map (`flash_jax.block_map`) listing the blocks to visit.
+
+Bias and soft-cap act on the logits of every block; dropout multiplies the
+probabilities by a keep mask regenerated from a counter-based hash
+(`flash_jax.dropout`) after the running sum has taken them undropped.
 """
 
 from __future__ import annotations
@@ -24,19 +30,27 @@ from flash_jax.backends.pallas_triton import common
 from flash_jax.backends.pallas_triton.common import KernelParams
 
 
-def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref,
-                    out_ref, lse_ref, *, p: KernelParams):
+def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
+  inputs = common.Refs(names, refs[:len(names)])
+  out_ref, lse_ref = refs[len(names):]
   block_q, block_kv = p.block_q, p.block_kv
-  q_block, batch = pl.program_id(0), pl.program_id(1)
-  q_len = common.clamp_length(q_len_ref[batch], p.q_seq)
-  kv_len = common.clamp_length(kv_len_ref[batch], p.kv_seq)
+  q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
+  kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
+  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
 
   q_start = q_block * block_q
   q_idx = q_start + jnp.arange(block_q)
   q_in_array = common.valid_below(q_idx, p.q_seq, block_q, p.q_seq)
   h_valid = common.head_mask(p.head_dim, p.head_dim_padded)
   hv_valid = common.head_mask(p.value_head_dim, p.value_head_dim_padded)
-  q = common.load_tile(q_ref, q_in_array, h_valid)
+  q = common.load_tile(inputs.q, q_in_array, h_valid)
+  q_segment = None
+  if inputs.q_segment_ids is not None:
+    q_segment = common.load_vector(inputs.q_segment_ids, q_in_array)
+  tile = (block_q, block_kv)
+  # An additive bias may hold -inf, so any block can leave a row empty.
+  guard_empty_rows = inputs.bias is not None
 
   def step(kv_block, carry, *, masked: bool):
     acc, m_prev, l_prev = carry
@@ -46,38 +60,53 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref,
     # Unmasked blocks lie wholly below kv_len <= S, so only masked blocks
     # can hang past the array.
     kv_in_array = kv_idx < p.kv_seq if masked else None
-    k = common.load_tile(k_ref.at[kv_rows, :], kv_in_array, h_valid)
-    logits = common.dot(q, k, p, trans_b=True) * p.qk_scale_log2
+    k = common.load_tile(inputs.k.at[kv_rows, :], kv_in_array, h_valid)
+    bias = None
+    if inputs.bias is not None:
+      bias = common.load_pair_tile(inputs.bias, (), pl.ds(0, block_q), kv_rows,
+                                   q_in_array, kv_in_array, tile)
+    logits, _ = common.scores(q, k, p, bias)
     if masked:
-      allowed = p.mask.allows(q_idx[:, None], kv_idx[None, :], kv_len)
+      dense = kv_segment = None
+      if inputs.mask is not None:
+        dense = common.load_pair_tile(inputs.mask, (), pl.ds(0, block_q),
+                                      kv_rows, q_in_array, kv_in_array, tile)
+      if q_segment is not None:
+        kv_segment = common.load_vector(inputs.kv_segment_ids.at[kv_rows],
+                                        kv_in_array)
+      allowed = common.element_mask(p, ctx, head, q_idx, kv_idx,
+                                    q_segment=q_segment,
+                                    kv_segment=kv_segment, dense=dense)
       logits = jnp.where(allowed, logits, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     m_shift = m_next
-    if masked:
+    if masked or guard_empty_rows:
       # A row with nothing attended so far keeps m = -inf; shifting by 0
       # instead keeps exp2 at exactly 0 rather than NaN. The carried max
       # stays -inf, so a later block's logits (however negative) set it.
       m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     correction = jnp.exp2(m_prev - m_shift)
     probs = jnp.exp2(logits - m_shift[:, None])
+    # l sums the undropped probabilities: dropout acts after normalisation
+    # and lse stays that of the plain softmax.
     l_next = l_prev * correction + jnp.sum(probs, axis=1)
-    v = common.load_tile(v_ref.at[kv_rows, :], kv_in_array, hv_valid)
+    if p.dropout_rate > 0:
+      probs = probs * common.dropout_scale(p, ctx, head, q_idx, kv_idx)
+    v = common.load_tile(inputs.v.at[kv_rows, :], kv_in_array, hv_valid)
     acc = acc * correction[:, None] + common.dot(probs.astype(v.dtype), v, p)
     return acc, m_next, l_next
 
-  blocks = p.mask.kv_block_range(q_start, q_start + block_q, q_len, kv_len,
-                                 block_kv)
+  if inputs.kv_blocks is not None:
+    schedule = common.list_schedule(inputs.kv_blocks, inputs.kv_counts)
+  else:
+    schedule = p.mask.kv_block_range(q_start, q_start + block_q, q_len,
+                                     kv_len, block_kv)
   carry = (
       jnp.zeros((block_q, p.value_head_dim_padded), jnp.float32),
       jnp.full((block_q,), -jnp.inf, jnp.float32),
       jnp.zeros((block_q,), jnp.float32),
   )
-  masked_step = functools.partial(step, masked=True)
-  carry = jax.lax.fori_loop(blocks.lo, blocks.full_lo, masked_step, carry)
-  carry = jax.lax.fori_loop(blocks.full_lo, blocks.full_hi,
-                            functools.partial(step, masked=False), carry)
-  carry = jax.lax.fori_loop(blocks.full_hi, blocks.hi, masked_step, carry)
-  acc, m, l = carry
+  acc, m, l = common.visit_blocks(schedule, step, carry)
 
   # Rows that attended nothing (padding, or every key masked): out 0, lse -inf.
   attends = (l > 0.0) & (q_idx < q_len)
@@ -88,26 +117,55 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref,
   common.store_vector(lse_ref, lse, q_in_array)
 
 
-def forward(p: KernelParams, query, key, value, q_lengths, kv_lengths):
-  """Runs the forward kernel; returns ``out [B,T,N,Hv]`` and ``lse [B,N,T]``."""
+def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
+  """Runs the forward kernel; returns ``out [B,T,N,Hv]`` and ``lse [B,N,T]``.
+
+  ``bias`` / ``arrays.mask`` are 4-D with dims 1 or full; ``kv_lists`` is a
+  `flash_jax.block_map.BlockLists` for this tiling, or None to schedule key
+  blocks from the mask's static ranges.
+  """
   batch, q_seq, num_heads = p.batch, p.q_seq, p.num_heads
   groups = p.groups
   h_pad, hv_pad = p.head_dim_padded, p.value_head_dim_padded
   kv_rows = common.round_up(p.kv_seq, p.block_kv)
   num_q_blocks = pl.cdiv(q_seq, p.block_q)
   sq = common.SQUEEZED
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  kv_spec = lambda width: pl.BlockSpec(
+      (sq, kv_rows, sq, width), lambda i, b, n: (b, 0, n // groups, 0))
+
+  inputs = common.Inputs()
+  inputs.add("q_len", common.lengths_or_full(arrays.q_lengths, batch, q_seq),
+             whole((batch,)))
+  inputs.add("kv_len", common.lengths_or_full(arrays.kv_lengths, batch,
+                                              p.kv_seq), whole((batch,)))
+  inputs.add("q", query, pl.BlockSpec((sq, p.block_q, sq, h_pad),
+                                      lambda i, b, n: (b, i, n, 0)))
+  inputs.add("k", key, kv_spec(h_pad))
+  inputs.add("v", value, kv_spec(hv_pad))
+  if bias is not None:
+    inputs.add("bias", bias,
+               common.q_major_pair_spec(bias, p.block_q, kv_rows))
+  mask = common.mask_as_int8(arrays.mask)
+  if mask is not None:
+    inputs.add("mask", mask, common.q_major_pair_spec(mask, p.block_q,
+                                                      kv_rows))
+  if arrays.q_segment_ids is not None:
+    inputs.add("q_segment_ids", arrays.q_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((sq, p.block_q), lambda i, b, n: (b, i)))
+    inputs.add("kv_segment_ids", arrays.kv_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((sq, kv_rows), lambda i, b, n: (b, 0)))
+  if p.dropout_rate > 0:
+    inputs.add("seed", arrays.dropout_seed, whole((2,)))
+  if kv_lists is not None:
+    blocks_spec, counts_spec = common.q_major_list_specs(kv_lists)
+    inputs.add("kv_blocks", kv_lists.blocks, blocks_spec)
+    inputs.add("kv_counts", kv_lists.counts, counts_spec)
+
   return pl.pallas_call(
-      functools.partial(_forward_kernel, p=p),
+      functools.partial(_forward_kernel, p=p, names=tuple(inputs.names)),
       grid=(num_q_blocks, batch, num_heads),
-      in_specs=[
-          pl.BlockSpec((batch,), lambda i, b, n: (0,)),
-          pl.BlockSpec((batch,), lambda i, b, n: (0,)),
-          pl.BlockSpec((sq, p.block_q, sq, h_pad), lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((sq, kv_rows, sq, h_pad),
-                       lambda i, b, n: (b, 0, n // groups, 0)),
-          pl.BlockSpec((sq, kv_rows, sq, hv_pad),
-                       lambda i, b, n: (b, 0, n // groups, 0)),
-      ],
+      in_specs=inputs.specs,
       out_specs=[
           pl.BlockSpec((sq, p.block_q, sq, hv_pad),
                        lambda i, b, n: (b, i, n, 0)),
@@ -121,6 +179,4 @@ def forward(p: KernelParams, query, key, value, q_lengths, kv_lengths):
       compiler_params=p.compiler_params(),
       interpret=p.interpret,
       name="flash_jax_forward",
-  )(common.lengths_or_full(q_lengths, batch, q_seq),
-    common.lengths_or_full(kv_lengths, batch, p.kv_seq),
-    query, key, value)
+  )(*inputs.arrays)
