@@ -1,16 +1,32 @@
-"""Timing and FLOP accounting shared by the benchmarks and the demo.
+"""Timing, checking and FLOP accounting shared by the benchmarks and the demo.
 
-Method: every implementation is checked against the float32 reference on
-fresh random normal inputs before it is timed (a wrong result is reported as
-an error, never as a speed). Timing is the wall clock of ``launches``
-pipelined calls of one jitted function, synchronised once at the end, after
-warm-up; the figure is the median over ``trials`` such batches.
+Method (the README's "Benchmarks" section says the same):
+
+* Inputs are fresh random normal arrays (never zeros), drawn per row.
+* Every implementation is checked against the float32 reference before it is
+  timed: output and gradients, relative L2 error. A wrong result (or a
+  crash) is reported as an error, never as a speed. Rows too large for the
+  O(T*S) reference are checked on their last query rows (``CHECK_ROWS``):
+  the output, lse and dQ of a query row depend only on that row, so slicing
+  the queries (with bottom-right causal alignment, which keeps every row's
+  diagonal) gives an exact reference for them.
+* Timing: two warm-up calls, then the median over ``trials`` batches of
+  pipelined launches of one jitted function, synchronised once per batch.
+  The launch count adapts so a batch lasts about 0.1 s.
+* FLOPs by FlashAttention's count: 4*B*N*T*S*H, halved for causal, x3.5 for
+  forward+backward. Masked rows (window, documents, sparse) use the same
+  nominal count, so compare their times, not their TFLOP/s.
+* Memory from XLA's compiled-program analysis: ``scratch`` is the temporary
+  buffer size (beyond arguments and outputs), ``peak`` adds arguments and
+  outputs.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
+import io
 import json
 import os
 import statistics
@@ -23,10 +39,27 @@ import numpy as np
 
 import flash_jax
 
+# Reference checks materialise [rows, N, T_checked, S] float32 several
+# times; above this many score elements the check slices the query rows.
+CHECK_ELEMENTS = 1 << 28
+CHECK_ROWS = 512
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One benchmark shape."""
+  """One benchmark shape and its semantics.
+
+  Attributes:
+    batch, q_seq, kv_seq, num_heads, num_kv_heads, head_dim: B, T, S, N, K, H.
+    is_causal: causal masking (top-left, as in jax.nn).
+    dtype: of q, k, v.
+    window: a left window ``(window, 0)`` (with causal: sliding window).
+    documents: packed documents of equal length (segment ids); jax.nn gets
+      the equivalent dense mask.
+    sparsity: fraction of 128x128 blocks masked out by a random dense block
+      mask (diagonal blocks always kept, so no row is empty).
+    dropout: dropout rate (flash_jax only; jax.nn has no dropout).
+  """
 
   batch: int
   q_seq: int
@@ -36,6 +69,10 @@ class Row:
   head_dim: int
   is_causal: bool
   dtype: str = "bfloat16"
+  window: int | None = None
+  documents: int | None = None
+  sparsity: float | None = None
+  dropout: float = 0.0
 
   @property
   def label(self) -> str:
@@ -43,9 +80,17 @@ class Row:
              else f"{self.num_heads}/{self.num_kv_heads}")
     seq = (f"{self.q_seq}" if self.q_seq == self.kv_seq
            else f"{self.q_seq}x{self.kv_seq}")
-    causal = ", causal" if self.is_causal else ""
+    extras = [self.dtype] + (["causal"] if self.is_causal else [])
+    if self.window is not None:
+      extras.append(f"window {self.window}")
+    if self.documents is not None:
+      extras.append(f"{self.documents} docs")
+    if self.sparsity is not None:
+      extras.append(f"{self.sparsity:.0%} empty blocks")
+    if self.dropout:
+      extras.append(f"dropout {self.dropout}")
     return (f"B={self.batch} T={seq} N={heads} H={self.head_dim} "
-            f"{self.dtype}{causal}")
+            + ", ".join(extras))
 
   def flops(self, backward: bool) -> float:
     """FlashAttention's count: 4*B*N*T*S*H, halved for causal, x3.5 with
@@ -57,35 +102,116 @@ class Row:
     return flops * (3.5 if backward else 1.0)
 
 
-def draw(row: Row, seed: int = 0):
-  keys = jax.random.split(jax.random.key(seed), 4)
+@dataclasses.dataclass
+class Inputs:
+  """Random operands of one row and the arrays its semantics need."""
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  do: jax.Array
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+  mask: jax.Array | None = None
+  dropout_rng: jax.Array | None = None
+
+
+def _sparse_block_mask(rng, row: Row, block: int = 128):
+  """A dense ``[1, 1, T, S]`` mask built from a random block pattern."""
+  num_q, num_kv = -(-row.q_seq // block), -(-row.kv_seq // block)
+  keep = jax.random.uniform(rng, (num_q, num_kv)) >= row.sparsity
+  keep = keep | jnp.eye(num_q, num_kv, dtype=bool)
+  mask = jnp.repeat(jnp.repeat(keep, block, 0), block, 1)
+  return mask[:row.q_seq, :row.kv_seq][None, None]
+
+
+def draw(row: Row, seed: int = 0) -> Inputs:
+  """Fresh random normal operands (and masks) for ``row``."""
+  keys = jax.random.split(jax.random.key(seed), 6)
   dtype = jnp.dtype(row.dtype)
   shape_q = (row.batch, row.q_seq, row.num_heads, row.head_dim)
   shape_kv = (row.batch, row.kv_seq, row.num_kv_heads, row.head_dim)
-  return (jax.random.normal(keys[0], shape_q, dtype),
-          jax.random.normal(keys[1], shape_kv, dtype),
-          jax.random.normal(keys[2], shape_kv, dtype),
-          jax.random.normal(keys[3], shape_q, dtype))
+  inputs = Inputs(q=jax.random.normal(keys[0], shape_q, dtype),
+                  k=jax.random.normal(keys[1], shape_kv, dtype),
+                  v=jax.random.normal(keys[2], shape_kv, dtype),
+                  do=jax.random.normal(keys[3], shape_q, dtype))
+  if row.documents is not None:
+    ids = lambda n: jnp.broadcast_to(
+        (jnp.arange(n) * row.documents // n).astype(jnp.int32),
+        (row.batch, n))
+    inputs.q_segment_ids, inputs.kv_segment_ids = ids(row.q_seq), ids(
+        row.kv_seq)
+  if row.sparsity is not None:
+    inputs.mask = _sparse_block_mask(keys[4], row)
+  if row.dropout:
+    inputs.dropout_rng = keys[5]
+  return inputs
 
 
-# name -> attention(q, k, v, is_causal) for every implementation compared.
+def semantics(row: Row, inputs: Inputs) -> dict:
+  """flash_jax keyword arguments for the row's semantics."""
+  kwargs = dict(is_causal=row.is_causal)
+  if row.window is not None:
+    kwargs["local_window_size"] = (row.window, 0)
+  if inputs.q_segment_ids is not None:
+    kwargs.update(query_segment_ids=inputs.q_segment_ids,
+                  kv_segment_ids=inputs.kv_segment_ids)
+  if inputs.mask is not None:
+    kwargs["mask"] = inputs.mask
+  if row.dropout:
+    kwargs.update(dropout_rate=row.dropout, dropout_rng=inputs.dropout_rng)
+  return kwargs
+
+
+def jax_nn_semantics(row: Row, inputs: Inputs) -> dict:
+  """The same semantics for jax.nn.dot_product_attention (segments become a
+  dense mask; dropout is refused)."""
+  if row.dropout:
+    raise NotImplementedError("jax.nn.dot_product_attention has no dropout")
+  kwargs = dict(is_causal=row.is_causal)
+  if row.window is not None:
+    kwargs["local_window_size"] = (row.window, 0)
+  mask = inputs.mask
+  if inputs.q_segment_ids is not None:
+    mask = (inputs.q_segment_ids[:, None, :, None]
+            == inputs.kv_segment_ids[:, None, None, :])
+  if mask is not None:
+    kwargs["mask"] = mask
+  return kwargs
+
+
+def _flash(implementation):
+  def make(row, inputs):
+    kwargs = semantics(row, inputs)
+    return lambda q, k, v: flash_jax.dot_product_attention(
+        q, k, v, implementation=implementation, **kwargs)
+  return make
+
+
+def _jax_nn(implementation):
+  def make(row, inputs):
+    kwargs = jax_nn_semantics(row, inputs)
+    return lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation=implementation, **kwargs)
+  return make
+
+
+# name -> make(row, inputs) -> attend(q, k, v), for every implementation
+# compared. "flash_jax" is the portable Triton-backend kernel.
 IMPLEMENTATIONS: dict[str, Callable] = {
-    "flash_jax": lambda q, k, v, c: flash_jax.dot_product_attention(
-        q, k, v, is_causal=c, implementation="pallas_triton"),
-    "xla": lambda q, k, v, c: jax.nn.dot_product_attention(
-        q, k, v, is_causal=c, implementation="xla"),
-    "cudnn": lambda q, k, v, c: jax.nn.dot_product_attention(
-        q, k, v, is_causal=c, implementation="cudnn"),
+    "flash_jax": _flash("pallas_triton"),
+    "xla": _jax_nn("xla"),
+    "cudnn": _jax_nn("cudnn"),
 }
 
 
-def forward_fn(attend, is_causal):
-  return jax.jit(lambda q, k, v, do: attend(q, k, v, is_causal))
+def forward_fn(attend):
+  return jax.jit(lambda q, k, v, do: attend(q, k, v))
 
 
-def forward_backward_fn(attend, is_causal):
+def forward_backward_fn(attend):
   def run(q, k, v, do):
-    out, pull = jax.vjp(lambda *a: attend(*a, is_causal), q, k, v)
+    out, pull = jax.vjp(attend, q, k, v)
     return out, pull(do)
   return jax.jit(run)
 
@@ -95,32 +221,69 @@ def relative_error(actual, expected) -> float:
   expected = np.asarray(jnp.asarray(expected, jnp.float32), np.float64)
   if not np.all(np.isfinite(actual)):
     return float("inf")
-  return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+  norm = np.linalg.norm(expected)
+  return float(np.linalg.norm(actual - expected) / max(norm, 1e-30))
 
 
-def check(row: Row, attend, inputs, tolerance: float) -> float:
-  """Relative error of output and gradients on batch row 0 against the
-  float32 reference; raises if any exceeds ``tolerance``."""
-  q, k, v, do = (x[:1] for x in inputs)
-  out, grads = forward_backward_fn(attend, row.is_causal)(q, k, v, do)
-  f32 = [x.astype(jnp.float32) for x in (q, k, v, do)]
-  ref_out, ref_grads = forward_backward_fn(
-      lambda *a: flash_jax.reference.dot_product_attention(
-          *a[:3], is_causal=a[3]), row.is_causal)(*f32)
-  errors = [relative_error(out, ref_out)] + [
-      relative_error(g, r) for g, r in zip(grads, ref_grads)]
+def check(row: Row, make_attend, inputs: Inputs, tolerance: float) -> float:
+  """Worst relative error of out and gradients (batch row 0) against the
+  float32 reference; raises AssertionError above ``tolerance``.
+
+  Large rows are checked on their last ``CHECK_ROWS`` query rows only
+  (out and dQ; dK and dV sum over all queries, so they are not comparable
+  on a slice).
+  """
+  one = dataclasses.replace(row, batch=1)
+  first = lambda x: None if x is None else x[:1]
+  sub = Inputs(*(first(getattr(inputs, f.name)) if f.name != "dropout_rng"
+                 else inputs.dropout_rng
+                 for f in dataclasses.fields(Inputs)))
+  attend = make_attend(one, sub)
+  out, grads = forward_backward_fn(attend)(sub.q, sub.k, sub.v, sub.do)
+
+  rows = row.q_seq
+  if row.num_heads * row.q_seq * row.kv_seq > CHECK_ELEMENTS and (
+      not row.dropout):  # the hash's counter holds absolute query indices
+    rows = min(row.q_seq, CHECK_ROWS)
+  start = row.q_seq - rows
+  sliced = Inputs(
+      q=sub.q[:, start:], k=sub.k, v=sub.v, do=sub.do[:, start:],
+      q_segment_ids=None if sub.q_segment_ids is None
+      else sub.q_segment_ids[:, start:],
+      kv_segment_ids=sub.kv_segment_ids,
+      mask=None if sub.mask is None else sub.mask[:, :, start:]
+      if sub.mask.shape[2] > 1 else sub.mask,
+      dropout_rng=sub.dropout_rng)
+  kwargs = semantics(one, sliced)
+  if rows < row.q_seq:
+    # Bottom-right alignment keeps each sliced row on its own diagonal.
+    kwargs["causal_alignment"] = "bottom_right"
+  f32 = lambda x: x.astype(jnp.float32)
+  reference = lambda q, k, v: flash_jax.reference.dot_product_attention(
+      q, k, v, **kwargs)
+  ref_out, ref_grads = forward_backward_fn(reference)(
+      f32(sliced.q), f32(sliced.k), f32(sliced.v), f32(sliced.do))
+  errors = [relative_error(out[:, start:], ref_out),
+            relative_error(grads[0][:, start:], ref_grads[0])]
+  if rows == row.q_seq:
+    errors += [relative_error(g, r) for g, r in zip(grads[1:], ref_grads[1:])]
   worst = max(errors)
   if not worst <= tolerance:
+    names = ("out", "dq", "dk", "dv")[:len(errors)]
     raise AssertionError(
-        f"relative errors (out, dq, dk, dv) {errors} exceed {tolerance}")
+        f"relative errors {dict(zip(names, errors))} exceed {tolerance}")
   return worst
 
 
-def time_call(fn, args, *, launches: int = 10, trials: int = 7,
-              warmup: int = 2) -> float:
+def time_call(fn, args, *, trials: int = 7, warmup: int = 2,
+              batch_seconds: float = 0.1) -> float:
   """Median seconds per call over ``trials`` batches of pipelined launches."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  single = time.perf_counter() - start
+  launches = int(min(20, max(1, round(batch_seconds / max(single, 1e-6)))))
   samples = []
   for _ in range(trials):
     start = time.perf_counter()
@@ -131,44 +294,58 @@ def time_call(fn, args, *, launches: int = 10, trials: int = 7,
   return statistics.median(samples)
 
 
-def compiled_scratch_bytes(fn, args) -> int | None:
+def compiled_memory(fn, args) -> dict:
+  """``scratch_bytes`` (temporaries) and ``peak_bytes`` (arguments + outputs
+  + temporaries, minus aliased) from XLA's compiled-program analysis."""
   try:
     stats = fn.lower(*args).compile().memory_analysis()
-    return int(stats.temp_size_in_bytes)
-  except Exception:  # memory_analysis is unavailable on some backends
-    return None
+  except Exception:  # noqa: BLE001 - unavailable on some backends
+    return {}
+  if stats is None:
+    return {}
+  scratch = int(stats.temp_size_in_bytes)
+  peak = (int(stats.argument_size_in_bytes) + int(stats.output_size_in_bytes)
+          + scratch - int(getattr(stats, "alias_size_in_bytes", 0)))
+  return {"scratch_bytes": scratch, "peak_bytes": peak}
 
 
-def measure(row: Row, names, *, tolerance: float = 2e-2, seed: int = 0):
+def _error(e: Exception) -> str:
+  return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def measure(row: Row, names, *, tolerance: float = 2e-2, seed: int = 0,
+            modes=("fwd", "fwd+bwd"), trials: int = 7):
   """Checks then times each implementation on ``row``.
 
-  Returns a list of dicts, one per (implementation, pass) with seconds,
-  TFLOP/s and compiled scratch, or an ``error`` string.
+  Returns one dict per (implementation, pass) with ``seconds``, ``tflops``
+  and compiled memory, or an ``error`` string.
   """
   inputs = draw(row, seed)
+  args = (inputs.q, inputs.k, inputs.v, inputs.do)
   results = []
   for name in names:
-    attend = IMPLEMENTATIONS[name]
-    entry = {"row": row.label, "implementation": name}
+    entry = {"row": row.label, "implementation": name,
+             "row_fields": dataclasses.asdict(row)}
     try:
-      entry["max_relative_error"] = check(row, attend, inputs, tolerance)
+      attend = IMPLEMENTATIONS[name](row, inputs)
+      entry["max_relative_error"] = check(row, IMPLEMENTATIONS[name], inputs,
+                                          tolerance)
     except Exception as e:  # noqa: BLE001 - reported, never timed
-      for mode in ("fwd", "fwd+bwd"):
-        results.append({**entry, "pass": mode,
-                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
+      results.extend({**entry, "pass": mode, "error": _error(e)}
+                     for mode in modes)
       continue
-    for mode, make in (("fwd", forward_fn), ("fwd+bwd", forward_backward_fn)):
-      fn = make(attend, row.is_causal)
+    for mode in modes:
+      fn = (forward_fn if mode == "fwd" else forward_backward_fn)(attend)
       try:
-        seconds = time_call(fn, inputs)
+        seconds = time_call(fn, args, trials=trials)
       except Exception as e:  # noqa: BLE001 - e.g. out of memory
-        results.append({**entry, "pass": mode,
-                        "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        results.append({**entry, "pass": mode, "error": _error(e)})
         continue
       results.append({
           **entry, "pass": mode, "seconds": seconds,
           "tflops": row.flops(mode == "fwd+bwd") / seconds / 1e12,
-          "scratch_bytes": compiled_scratch_bytes(fn, inputs)})
+          **compiled_memory(fn, args)})
+    del attend
   return results
 
 
@@ -179,39 +356,106 @@ def environment() -> dict:
       "platform": device.platform,
       "date": datetime.date.today().isoformat(),
       "jax": jax.__version__,
-      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__")
-      else None,
   }
 
 
-def ratio_table(results) -> str:
-  """Markdown: TFLOP/s per implementation and flash_jax's ratios."""
+def _index(results):
   by_key = {}
   for r in results:
     by_key.setdefault((r["row"], r["pass"]), {})[r["implementation"]] = r
-  names = sorted({r["implementation"] for r in results},
-                 key=list(IMPLEMENTATIONS).index)
-  header = ("| case | pass | " + " | ".join(f"{n} TFLOP/s" for n in names)
-            + " | flash_jax / cudnn | flash_jax / xla |")
+  return by_key
+
+
+def _ratio(fast, slow) -> str:
+  if not fast or not slow or "error" in fast or "error" in slow:
+    return "–"
+  return f"{slow['seconds'] / fast['seconds']:.2f}x"
+
+
+def _mib(entry, field) -> str:
+  if not entry or field not in entry:
+    return "–"
+  return f"{entry[field] / 2**20:.0f}"
+
+
+def ratio_table(results, subject: str = "flash_jax") -> str:
+  """Markdown: ms and TFLOP/s per implementation, ``subject``'s speed-up
+  over cuDNN and XLA, and its compiled scratch and peak memory."""
+  names = []
+  for r in results:
+    if r["implementation"] not in names:
+      names.append(r["implementation"])
+  header = ("| case | pass | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names)
+            + f" | {subject} / cudnn | {subject} / xla | {subject} scratch "
+            "MiB | peak MiB |")
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
-  for (label, mode), entries in by_key.items():
+  for (label, mode), entries in _index(results).items():
     cells = []
     for n in names:
       e = entries.get(n)
-      cells.append("–" if e is None else
-                   "error" if "error" in e else f"{e['tflops']:.1f}")
-    def ratio(other):
-      a, b = entries.get("flash_jax"), entries.get(other)
-      if not a or not b or "error" in a or "error" in b:
-        return "–"
-      return f"{b['seconds'] / a['seconds']:.2f}x"
-    lines.append(f"| {label} | {mode} | " + " | ".join(cells) +
-                 f" | {ratio('cudnn')} | {ratio('xla')} |")
+      cells.append("–" if e is None else "error" if "error" in e else
+                   f"{e['seconds'] * 1e3:.2f} ({e['tflops']:.0f})")
+    mine = entries.get(subject)
+    lines.append(
+        f"| {label} | {mode} | " + " | ".join(cells) +
+        f" | {_ratio(mine, entries.get('cudnn'))} | "
+        f"{_ratio(mine, entries.get('xla'))} | {_mib(mine, 'scratch_bytes')} "
+        f"| {_mib(mine, 'peak_bytes')} |")
   return "\n".join(lines)
 
 
-def write_results(results, name: str, directory: str | None = None) -> str:
-  """Writes ``<name>.json`` and ``<name>.md`` under
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A speed-up of one row over another for one implementation, with the
+  target it must reach (e.g. sliding window vs full causal)."""
+
+  name: str
+  fast: Row
+  slow: Row
+  target: float | None = None
+  implementation: str = "flash_jax"
+  # The fast row may also be the slower one by design (an overhead, e.g.
+  # dropout); then ``max_slowdown`` bounds fast/slow time instead.
+  max_slowdown: float | None = None
+
+
+def comparison_lines(results, comparisons) -> str:
+  by_key = _index(results)
+  lines = []
+  for c in comparisons:
+    for mode in ("fwd", "fwd+bwd"):
+      a = by_key.get((c.fast.label, mode), {}).get(c.implementation)
+      b = by_key.get((c.slow.label, mode), {}).get(c.implementation)
+      if not a or not b or "error" in a or "error" in b:
+        lines.append(f"- {c.name} ({mode}): not measured")
+        continue
+      if c.max_slowdown is not None:
+        overhead = a["seconds"] / b["seconds"] - 1
+        verdict = "meets" if overhead <= c.max_slowdown else "MISSES"
+        lines.append(f"- {c.name} ({mode}): overhead {overhead:+.1%} "
+                     f"({verdict} <= {c.max_slowdown:.0%})")
+      else:
+        speedup = b["seconds"] / a["seconds"]
+        verdict = "" if c.target is None else (
+            f" ({'meets' if speedup >= c.target else 'MISSES'} >= "
+            f"{c.target}x)")
+        lines.append(f"- {c.name} ({mode}): {speedup:.2f}x{verdict}")
+  return "\n".join(lines)
+
+
+def to_csv(results) -> str:
+  fields = ["row", "implementation", "pass", "seconds", "tflops",
+            "scratch_bytes", "peak_bytes", "max_relative_error", "error"]
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(results)
+  return buffer.getvalue()
+
+
+def write_results(results, name: str, directory: str | None = None,
+                  comparisons=(), subject: str = "flash_jax") -> str:
+  """Writes ``<name>.json``, ``<name>.csv`` and ``<name>.md`` under
   ``benchmarks/results/<card>/`` (or ``directory``); returns the markdown."""
   env = environment()
   card = env["card"].replace(" ", "_").replace("/", "_")
@@ -220,13 +464,21 @@ def write_results(results, name: str, directory: str | None = None) -> str:
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, f"{name}.json"), "w") as f:
     json.dump({"environment": env, "results": results}, f, indent=1)
-  markdown = (f"# {name}\n\n{env['card']}, {env['date']}, JAX {env['jax']}."
-              "\n\nTFLOP/s by FlashAttention's count (4·B·N·T·S·H, halved for "
-              "causal, x3.5 for fwd+bwd); ratios are speed-ups of flash_jax "
-              "measured in the same run.\n\n" + ratio_table(results) + "\n")
+  with open(os.path.join(directory, f"{name}.csv"), "w") as f:
+    f.write(to_csv(results))
+  markdown = (
+      f"# {name}\n\n{env['card']}, {env['date']}, JAX {env['jax']}.\n\n"
+      "ms per call (TFLOP/s by FlashAttention's count: 4·B·N·T·S·H, halved "
+      "for causal, x3.5 for fwd+bwd); ratios are speed-ups of "
+      f"{subject} measured in the same run; memory from XLA's compiled "
+      "analysis of the timed function (scratch = temporaries beyond "
+      "arguments and outputs).\n\n" + ratio_table(results, subject) + "\n")
+  if comparisons:
+    markdown += "\n## Comparisons\n\n" + comparison_lines(
+        results, comparisons) + "\n"
   errors = [r for r in results if "error" in r]
   if errors:
-    markdown += "\nErrors:\n" + "".join(
+    markdown += "\n## Errors\n\n" + "".join(
         f"- {e['implementation']} {e['row']} {e['pass']}: {e['error']}\n"
         for e in errors)
   with open(os.path.join(directory, f"{name}.md"), "w") as f:

@@ -1,45 +1,122 @@
-"""Runs a named set of benchmark rows on the GPU it finds.
+"""Runs named sets of benchmark rows on the GPU it finds.
 
-    python benchmarks/run.py foundation [--out DIR]
+    python benchmarks/run.py SET [SET ...] [--out DIR] [--implementations ...]
+    python benchmarks/run.py --list
 
-Writes ``<set>.md`` and ``<set>.json`` under ``benchmarks/results/<card>/``
-(and a copy under ``--out``), then prints the markdown table.
+Each set writes ``<set>.md``, ``<set>.csv`` and ``<set>.json`` under
+``benchmarks/results/<card>/`` (and copies under ``--out``) and prints the
+markdown table. ``benchmarks/plot.py`` turns the JSON into a PNG.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import harness  # noqa: E402
-from benchmarks.harness import Row  # noqa: E402
+from benchmarks.harness import Comparison, Row  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSet:
+  """Rows measured together, and the comparisons drawn from them."""
+
+  rows: tuple[Row, ...]
+  comparisons: tuple[Comparison, ...] = ()
+  implementations: tuple[str, ...] = ("flash_jax", "xla", "cudnn")
+
+
+SEQUENCES = (512, 1024, 2048, 4096, 8192, 16384)
+
+
+def _tokens_rows(head_dim: int) -> tuple[Row, ...]:
+  """Issue 5's sweep: bf16, B*T = 16k tokens, N*H = 2048, causal and not."""
+  return tuple(Row(16384 // t, t, t, 2048 // head_dim, 2048 // head_dim,
+                   head_dim, causal)
+               for t in SEQUENCES for causal in (False, True))
+
+
+# Issue 3's feature rows.
+_DOCS = Row(1, 16384, 16384, 16, 16, 128, True, documents=12)
+_DENSE = Row(1, 8192, 8192, 16, 16, 128, False)
+_SPARSE = dataclasses.replace(_DENSE, sparsity=0.9)
+_CAUSAL_32K = Row(1, 32768, 32768, 16, 16, 128, True)
+_WINDOW_32K = dataclasses.replace(_CAUSAL_32K, window=4096)
+_NO_DROPOUT = Row(4, 4096, 4096, 16, 16, 128, False)
+_DROPOUT = dataclasses.replace(_NO_DROPOUT, dropout=0.1)
 
 ROW_SETS = {
     # Issue 2's row: bf16, B=4 T=S=4096 N=16 H=128, causal and not.
-    "foundation": [Row(4, 4096, 4096, 16, 16, 128, False),
-                   Row(4, 4096, 4096, 16, 16, 128, True)],
+    "foundation": BenchSet((Row(4, 4096, 4096, 16, 16, 128, False),
+                            Row(4, 4096, 4096, 16, 16, 128, True))),
+    # Issue 5's suite, in parts that each fit one 10-minute GPU command.
+    "suite_h128": BenchSet(_tokens_rows(128)),
+    "suite_h64": BenchSet(_tokens_rows(64)),
+    "suite_h256": BenchSet(_tokens_rows(256)),
+    "suite_gqa": BenchSet(tuple(
+        Row(16384 // t, t, t, 32, 8, 64, causal)
+        for t in (1024, 4096, 16384) for causal in (False, True))),
+    "suite_long": BenchSet(tuple(
+        Row(1, t, t, 16, 16, 128, causal)
+        for t in (32768, 65536, 131072) for causal in (False, True)) + (
+            # The memory target: fwd+bwd at 128k causal, N=8.
+            Row(1, 131072, 131072, 8, 8, 128, True),)),
+    "suite_dtypes": BenchSet(tuple(
+        Row(4, 4096, 4096, 16, 16, 128, causal, dtype)
+        for dtype in ("float16", "float32") for causal in (False, True))),
+    # Issue 3's feature benchmarks.
+    "features": BenchSet(
+        (_DOCS, _DENSE, _SPARSE, _CAUSAL_32K, _WINDOW_32K, _NO_DROPOUT,
+         _DROPOUT),
+        comparisons=(
+            Comparison("sparse (90% empty blocks) vs dense", _SPARSE, _DENSE,
+                       target=5.0),
+            Comparison("window 4096 vs full causal at 32k", _WINDOW_32K,
+                       _CAUSAL_32K, target=6.0),
+            Comparison("dropout 0.1 vs none", _DROPOUT, _NO_DROPOUT,
+                       max_slowdown=0.15),
+        )),
 }
+
+
+def run_set(name: str, implementations=None, out: str | None = None) -> str:
+  bench = ROW_SETS[name]
+  names = implementations or bench.implementations
+  results = []
+  for row in bench.rows:
+    print(f"measuring {row.label}", flush=True)
+    results.extend(harness.measure(row, names))
+  markdown = harness.write_results(results, name,
+                                   comparisons=bench.comparisons)
+  if out:
+    harness.write_results(results, name, directory=out,
+                          comparisons=bench.comparisons)
+  return markdown
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("row_set", choices=sorted(ROW_SETS))
+  parser.add_argument("row_sets", nargs="*", metavar="SET",
+                      help=f"one or more of {', '.join(ROW_SETS)}")
+  parser.add_argument("--list", action="store_true", help="list the sets")
   parser.add_argument("--out", help="also copy the results here")
-  parser.add_argument("--implementations", default="flash_jax,xla,cudnn")
+  parser.add_argument("--implementations",
+                      help="comma-separated (default: the set's)")
   args = parser.parse_args()
-  names = args.implementations.split(",")
-  results = []
-  for row in ROW_SETS[args.row_set]:
-    print(f"measuring {row.label}", flush=True)
-    results.extend(harness.measure(row, names))
-  markdown = harness.write_results(results, args.row_set)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    harness.write_results(results, args.row_set, directory=args.out)
-  print(markdown)
+  if args.list or not args.row_sets:
+    for name, bench in ROW_SETS.items():
+      print(f"{name}: {len(bench.rows)} rows")
+    return
+  unknown = [name for name in args.row_sets if name not in ROW_SETS]
+  if unknown:
+    parser.error(f"unknown sets {unknown}; choose from {list(ROW_SETS)}")
+  names = args.implementations.split(",") if args.implementations else None
+  for name in args.row_sets:
+    print(run_set(name, names, args.out), flush=True)
 
 
 if __name__ == "__main__":

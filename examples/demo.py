@@ -32,19 +32,21 @@ def main():
         f"({'compiled kernels' if on_gpu else 'Pallas interpret mode'})")
   for row in rows:
     inputs = harness.draw(row)
+    args = (inputs.q, inputs.k, inputs.v, inputs.do)
     for name in names:
-      attend = harness.IMPLEMENTATIONS[name]
+      make_attend = harness.IMPLEMENTATIONS[name]
       try:
-        error = harness.check(row, attend, inputs,
+        error = harness.check(row, make_attend, inputs,
                               tolerance=2e-2 if on_gpu else 1e-5)
       except Exception as e:  # noqa: BLE001 - report and go on
         print(f"  {row.label:40s} {name:10s} FAILED: {str(e)[:200]}")
         continue
       line = f"  {row.label:40s} {name:10s} max rel. error {error:.1e}"
       if on_gpu:
+        attend = make_attend(row, inputs)
         for mode, make in (("fwd", harness.forward_fn),
                            ("fwd+bwd", harness.forward_backward_fn)):
-          seconds = harness.time_call(make(attend, row.is_causal), inputs)
+          seconds = harness.time_call(make(attend), args)
           tflops = row.flops(mode == "fwd+bwd") / seconds / 1e12
           line += f"  {mode} {seconds * 1e3:7.2f} ms {tflops:6.1f} TFLOP/s"
       print(line, flush=True)

@@ -28,7 +28,14 @@ class BlockSizes:
     block_q, block_kv: forward kernel tile (query rows x key rows).
     block_q_dkv, block_kv_dkv: dK/dV kernel tile.
     block_q_dq, block_kv_dq: dQ kernel tile.
-    num_warps, num_stages: Triton launch options for all three kernels.
+    num_warps, num_stages: Triton launch options for all three kernels,
+      unless a kernel's own field below is set.
+    num_warps_fwd, num_stages_fwd: the forward kernel's.
+    num_warps_dkv, num_stages_dkv: the dK/dV kernel's.
+    num_warps_dq, num_stages_dq: the dQ kernel's.
+
+  Tiles that cannot fit the GPU's shared memory (estimated ahead of time)
+  raise ValueError when the call is traced, not a compile error later.
   """
 
   block_q: int | None = None
@@ -39,6 +46,12 @@ class BlockSizes:
   block_kv_dq: int | None = None
   num_warps: int | None = None
   num_stages: int | None = None
+  num_warps_fwd: int | None = None
+  num_stages_fwd: int | None = None
+  num_warps_dkv: int | None = None
+  num_stages_dkv: int | None = None
+  num_warps_dq: int | None = None
+  num_stages_dq: int | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
@@ -53,6 +66,10 @@ class BlockSizes:
           raise ValueError(
               f"BlockSizes.{field.name} must be a power of two >= 16, got "
               f"{value}")
+      elif field.name.startswith("num_warps"):
+        if not _is_power_of_two(value) or value > 16:
+          raise ValueError(f"BlockSizes.{field.name} must be a power of two "
+                           f"<= 16, got {value}")
       elif value < 1:
         raise ValueError(f"BlockSizes.{field.name} must be >= 1, got {value}")
 

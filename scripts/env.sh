@@ -26,12 +26,12 @@ find_python() {
   return 1
 }
 
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import flash_jax, jax, pytest, xdist, optax' >/dev/null 2>&1; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import flash_jax, jax, pytest, xdist, optax, matplotlib' >/dev/null 2>&1; then
   python="$(find_python)"
   echo "flash_jax: creating $venv with $python ($("$python" --version))" >&2
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  extras="test,examples"
+  extras="test,examples,bench"
   # On a GPU machine the CUDA plugin comes too, so the kernels compile.
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     extras="$extras,cuda13"

@@ -1,39 +1,63 @@
 #!/usr/bin/env bash
-# The GPU verification run: the whole test suite with compiled kernels, then
-# a benchmark row set, in one call. Meant for a GPU machine whose python3
-# already has jax (set FLASH_JAX_PYTHON otherwise). Logs go to $OUT.
+# The GPU verification run, in one call: the test suite with compiled
+# kernels, optionally the autotuner, then benchmark sets. Meant for a GPU
+# machine whose python3 already has jax (set FLASH_JAX_PYTHON otherwise).
 #
 #   bash scripts/gpu_check.sh [benchmark-set ...]      (default: foundation)
 #
-# FLASH_JAX_TESTS picks test paths (default: tests) and FLASH_JAX_PYTEST_ARGS
-# adds pytest arguments (e.g. "-n 12 -x").
+# Environment:
+#   FLASH_JAX_TESTS        test paths (default: tests); "none" skips tests
+#   FLASH_JAX_PYTEST_ARGS  extra pytest arguments (e.g. "-n 14 -x")
+#   FLASH_JAX_AUTOTUNE     if set, arguments for benchmarks/autotune.py
+#                          (e.g. "--head-dims 128"), run before benchmarks
+#   OUT                    where results go (default /tmp/flash_jax_gpu)
+#
+# Everything is written under $OUT/run/ and also packed into
+# $OUT/results.tar.gz (the device tool returns few files), with the summary
+# in $OUT/summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/flash_jax_gpu}"
-mkdir -p "$out"
+run="$out/run"
+mkdir -p "$run"
 python="${FLASH_JAX_PYTHON:-python3}"
 sets=("$@")
 [[ ${#sets[@]} -eq 0 ]] && sets=(foundation)
 
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
+  git rev-parse HEAD 2>/dev/null || true
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   "$python" -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
-} 2>&1 | tee "$out/environment.txt"
+} 2>&1 | tee "$run/environment.txt"
 
-# shellcheck disable=SC2086
-"$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=10 \
-  ${FLASH_JAX_PYTEST_ARGS:-} \
-  2>&1 | tee "$out/gpu_tests.log"
-tests_rc=${PIPESTATUS[0]}
+tests_rc=0
+if [[ "${FLASH_JAX_TESTS:-tests}" != none ]]; then
+  # shellcheck disable=SC2086
+  "$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=15 \
+    ${FLASH_JAX_PYTEST_ARGS:-} \
+    2>&1 | tee "$run/gpu_tests.log"
+  tests_rc=${PIPESTATUS[0]}
+fi
+
+tune_rc=0
+if [[ -n "${FLASH_JAX_AUTOTUNE:-}" ]]; then
+  # shellcheck disable=SC2086
+  "$python" benchmarks/autotune.py $FLASH_JAX_AUTOTUNE --log "$run" 2>&1 | tee "$run/autotune.log"
+  tune_rc=${PIPESTATUS[0]}
+  cp flash_jax/backends/pallas_triton/tuned_configs.py "$run/" 2>/dev/null
+fi
 
 bench_rc=0
 for set in "${sets[@]}"; do
-  "$python" benchmarks/run.py "$set" --out "$out" 2>&1 | tee "$out/bench_$set.log"
+  [[ "$set" == none ]] && continue
+  "$python" benchmarks/run.py "$set" --out "$run" 2>&1 | tee "$run/bench_$set.log"
   rc=${PIPESTATUS[0]}
   [[ $rc -ne 0 ]] && bench_rc=$rc
 done
 
-echo "== summary: tests rc=$tests_rc ($(tail -n 1 "$out/gpu_tests.log")), benchmarks rc=$bench_rc"
-[[ $tests_rc -eq 0 && $bench_rc -eq 0 ]]
+summary="tests rc=$tests_rc ($(tail -n 1 "$run/gpu_tests.log" 2>/dev/null)), autotune rc=$tune_rc, benchmarks rc=$bench_rc"
+echo "== summary: $summary" | tee "$out/summary.txt"
+tar -czf "$out/results.tar.gz" -C "$out" run
+[[ $tests_rc -eq 0 && $tune_rc -eq 0 && $bench_rc -eq 0 ]]

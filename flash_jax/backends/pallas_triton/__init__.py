@@ -6,21 +6,27 @@ it lives in this package, reached only through the backend registry.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from flash_jax import block_map, platform
 from flash_jax.config import MAX_HEAD_DIM, AttentionConfig
 from flash_jax.backends.pallas_triton import backward as _backward
 from flash_jax.backends.pallas_triton import common as _common
 from flash_jax.backends.pallas_triton import forward as _forward
+from flash_jax.backends.pallas_triton import tuning as _tuning
 
 NAME = "pallas_triton"
 
 
-def _tiling(config: AttentionConfig, query, key, value):
-  # The wider of the two head dims sets the tile budget (registers, smem).
-  widest = max(query.shape[-1], value.shape[-1])
-  padded = max(_common.MIN_BLOCK, _common.next_power_of_two(widest))
-  return _common.resolve_tiling(config.block_sizes, padded, query.shape[1],
-                                key.shape[1])
+def _tiling(config: AttentionConfig, query, key, value) -> _tuning.Tiling:
+  pad = lambda n: max(_tuning.MIN_BLOCK, _tuning.next_power_of_two(n))
+  return _tuning.resolve_tiling(
+      config.block_sizes, head_dim=pad(query.shape[-1]),
+      value_dim=pad(value.shape[-1]),
+      item_bytes=jnp.dtype(query.dtype).itemsize,
+      causal=config.mask.is_causal, q_seq=query.shape[1],
+      kv_seq=key.shape[1], capability=platform.compute_capability(),
+      check_resources=not config.interpret)
 
 
 def check_supported(config: AttentionConfig, query, key, value, bias,
@@ -48,10 +54,8 @@ def _states(config: AttentionConfig, query, key, arrays, block_q: int,
 
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
-  tiling = _tiling(config, query, key, value)
-  params = _common.kernel_params(config, query, key, value,
-                                 block_q=tiling.block_q,
-                                 block_kv=tiling.block_kv, tiling=tiling)
+  tiling = _tiling(config, query, key, value).forward
+  params = _common.kernel_params(config, query, key, value, tiling)
   kv_lists = None
   if block_map.needs_map(config.mask, arrays):
     kv_lists = block_map.kv_lists(_states(config, query, key, arrays,
@@ -64,22 +68,16 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   """Returns ``(dq, dk, dv, dbias)`` for cotangents ``dout`` and ``dlse``
   (dbias None without a bias)."""
   tiling = _tiling(config, query, key, value)
-  params_dkv = _common.kernel_params(config, query, key, value,
-                                     block_q=tiling.block_q_dkv,
-                                     block_kv=tiling.block_kv_dkv,
-                                     tiling=tiling)
-  params_dq = _common.kernel_params(config, query, key, value,
-                                    block_q=tiling.block_q_dq,
-                                    block_kv=tiling.block_kv_dq,
-                                    tiling=tiling)
+  params_dkv = _common.kernel_params(config, query, key, value, tiling.dkv)
+  params_dq = _common.kernel_params(config, query, key, value, tiling.dq)
   q_lists = kv_lists = dq_states = None
   if block_map.needs_map(config.mask, arrays) or bias is not None:
-    dq_states = _states(config, query, key, arrays, tiling.block_q_dq,
-                        tiling.block_kv_dq)
+    dq_states = _states(config, query, key, arrays, tiling.dq.block_q,
+                        tiling.dq.block_kv)
   if block_map.needs_map(config.mask, arrays):
     q_lists = block_map.q_lists(_states(config, query, key, arrays,
-                                        tiling.block_q_dkv,
-                                        tiling.block_kv_dkv))
+                                        tiling.dkv.block_q,
+                                        tiling.dkv.block_kv))
     kv_lists = block_map.kv_lists(dq_states)
   return _backward.backward(params_dkv, params_dq, query, key, value, bias,
                             arrays, out, lse, dout, dlse, q_lists=q_lists,

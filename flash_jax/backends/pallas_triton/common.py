@@ -1,5 +1,6 @@
-"""Pieces shared by the Triton-backend kernels: static parameters, tiling,
-masked tile loads and the pallas_call plumbing."""
+"""Pieces shared by the Triton-backend kernels: static parameters, masked
+tile loads, the per-tile math, block schedules and the pallas_call plumbing.
+(Tiling lives in `tuning`.)"""
 
 from __future__ import annotations
 
@@ -13,19 +14,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from flash_jax import dropout
-from flash_jax.config import AttentionConfig, BlockSizes
+from flash_jax.backends.pallas_triton.tuning import (MIN_BLOCK, KernelTiling,
+                                                     next_power_of_two)
+from flash_jax.config import AttentionConfig
 from flash_jax.masks import BlockRange, MaskSpec
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
-
-# The smallest tile dimension Triton's dot accepts.
-MIN_BLOCK = 16
-
-
-def next_power_of_two(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
 
 @dataclasses.dataclass(frozen=True)
 class KernelParams:
@@ -81,63 +76,16 @@ class KernelParams:
                                 num_stages=self.num_stages)
 
 
-def _clamp_block(requested: int, length: int) -> int:
-  """A power-of-two block no larger than the sequence needs."""
-  return min(requested, max(MIN_BLOCK, next_power_of_two(length)))
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiling:
-  """Resolved tile sizes for the three kernels."""
-
-  block_q: int
-  block_kv: int
-  block_q_dkv: int
-  block_kv_dkv: int
-  block_q_dq: int
-  block_kv_dq: int
-  num_warps: int
-  num_stages: int
-
-
-def default_tiling(head_dim_padded: int) -> Tiling:
-  """Defaults for sm80/sm90-class GPUs, by padded head dim."""
-  if head_dim_padded <= 64:
-    return Tiling(128, 64, 32, 128, 128, 32, num_warps=4, num_stages=3)
-  if head_dim_padded <= 128:
-    return Tiling(128, 64, 32, 128, 128, 32, num_warps=8, num_stages=3)
-  return Tiling(64, 32, 32, 64, 64, 32, num_warps=8, num_stages=2)
-
-
-def resolve_tiling(overrides: BlockSizes | None, head_dim_padded: int,
-                   q_seq: int, kv_seq: int) -> Tiling:
-  """Defaults, then user overrides, then clamping to the sequence lengths."""
-  tiling = default_tiling(head_dim_padded)
-  if overrides is not None:
-    tiling = dataclasses.replace(tiling, **{
-        f.name: getattr(overrides, f.name)
-        for f in dataclasses.fields(overrides)
-        if getattr(overrides, f.name) is not None})
-  return dataclasses.replace(
-      tiling,
-      block_q=_clamp_block(tiling.block_q, q_seq),
-      block_kv=_clamp_block(tiling.block_kv, kv_seq),
-      block_q_dkv=_clamp_block(tiling.block_q_dkv, q_seq),
-      block_kv_dkv=_clamp_block(tiling.block_kv_dkv, kv_seq),
-      block_q_dq=_clamp_block(tiling.block_q_dq, q_seq),
-      block_kv_dq=_clamp_block(tiling.block_kv_dq, kv_seq),
-  )
-
-
-def kernel_params(config: AttentionConfig, query, key, value, *,
-                  block_q: int, block_kv: int, tiling: Tiling) -> KernelParams:
+def kernel_params(config: AttentionConfig, query, key, value,
+                  tiling: KernelTiling) -> KernelParams:
+  """The static parameters of one kernel launch with ``tiling``."""
   batch, q_seq, num_heads, head_dim = query.shape
   kv_seq, num_kv_heads = key.shape[1], key.shape[2]
   return KernelParams(
       batch=batch, q_seq=q_seq, kv_seq=kv_seq, num_heads=num_heads,
       num_kv_heads=num_kv_heads, head_dim=head_dim,
       value_head_dim=value.shape[-1], dtype=query.dtype, mask=config.mask,
-      scale=config.scale, block_q=block_q, block_kv=block_kv,
+      scale=config.scale, block_q=tiling.block_q, block_kv=tiling.block_kv,
       num_warps=tiling.num_warps, num_stages=tiling.num_stages,
       interpret=config.interpret, logits_soft_cap=config.logits_soft_cap,
       dropout_rate=config.dropout_rate,

@@ -1,0 +1,143 @@
+"""The benchmark harness on CPU at tiny sizes: every row kind is checked
+against the reference before timing, results are written as markdown, CSV
+and JSON, and a wrong implementation is reported as an error, not a speed.
+(Timings themselves are never asserted: they belong to GPU benchmark runs.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import harness, run
+from benchmarks.harness import Comparison, Row
+
+TINY = Row(1, 64, 64, 2, 1, 32, True, "float32")
+TINY_ROWS = [
+    TINY,
+    dataclasses.replace(TINY, window=16),
+    dataclasses.replace(TINY, documents=3),
+    dataclasses.replace(TINY, is_causal=False, sparsity=0.5),
+    dataclasses.replace(TINY, dropout=0.2),
+]
+
+
+@pytest.mark.parametrize("row", TINY_ROWS, ids=lambda r: r.label)
+def test_every_row_kind_is_checked_then_timed(row):
+  names = ["flash_jax"] if row.dropout else ["flash_jax", "xla"]
+  results = harness.measure(row, names, trials=1)
+  assert len(results) == 2 * len(names)
+  for entry in results:
+    assert "error" not in entry, entry
+    assert entry["seconds"] > 0 and entry["tflops"] > 0
+    assert entry["max_relative_error"] < 1e-4
+
+
+def test_large_rows_are_checked_on_their_last_query_rows(monkeypatch):
+  """Above CHECK_ELEMENTS the check slices the queries (bottom-right
+  alignment keeps causal exact) and still catches a wrong result."""
+  monkeypatch.setattr(harness, "CHECK_ELEMENTS", 1000)
+  monkeypatch.setattr(harness, "CHECK_ROWS", 16)
+  row = dataclasses.replace(TINY, documents=2, window=24)
+  inputs = harness.draw(row)
+  assert harness.check(row, harness.IMPLEMENTATIONS["xla"], inputs,
+                       1e-5) < 1e-5
+
+  def wrong(row, inputs):
+    attend = harness.IMPLEMENTATIONS["xla"](row, inputs)
+    return lambda q, k, v: attend(q, k, v) * 1.01
+  with pytest.raises(AssertionError, match="exceed"):
+    harness.check(row, wrong, inputs, 1e-3)
+
+
+def test_wrong_results_are_errors_and_files_are_written(tmp_path, monkeypatch):
+  def wrong(row, inputs):
+    return lambda q, k, v: jnp.zeros_like(q) + q
+  monkeypatch.setitem(harness.IMPLEMENTATIONS, "broken", wrong)
+  results = harness.measure(TINY, ["flash_jax", "broken"], trials=1)
+  broken = [r for r in results if r["implementation"] == "broken"]
+  assert all("error" in r and "seconds" not in r for r in broken)
+  other = dataclasses.replace(TINY, window=8)
+  results += harness.measure(other, ["flash_jax"], trials=1)
+  markdown = harness.write_results(
+      results, "tiny", directory=str(tmp_path),
+      comparisons=[Comparison("window vs causal", other, TINY, target=1.0)])
+  assert "broken" in markdown and "## Errors" in markdown
+  assert "window vs causal (fwd):" in markdown
+  saved = json.loads((tmp_path / "tiny.json").read_text())
+  assert saved["environment"]["jax"] and len(saved["results"]) == 6
+  assert (tmp_path / "tiny.csv").read_text().startswith("row,implementation")
+
+
+def test_row_sets_are_well_formed():
+  for name, bench in run.ROW_SETS.items():
+    assert bench.rows, name
+    labels = [row.label for row in bench.rows]
+    assert len(set(labels)) == len(labels), name
+    for c in bench.comparisons:
+      assert c.fast in bench.rows and c.slow in bench.rows, c.name
+  suite = run.ROW_SETS["suite_h128"].rows
+  assert {r.batch * r.q_seq for r in suite} == {16384}
+  assert {r.num_heads * r.head_dim for r in suite} == {2048}
+
+
+def test_plot_draws_one_line_per_implementation(tmp_path):
+  pytest.importorskip("matplotlib")  # the `bench` extra, installed by CI
+  from benchmarks import plot
+  results = []
+  for t in (32, 64):
+    row = dataclasses.replace(TINY, q_seq=t, kv_seq=t)
+    results += harness.measure(row, ["flash_jax", "xla"], trials=1)
+  results += harness.measure(dataclasses.replace(TINY, window=8),
+                             ["flash_jax"], trials=1)
+  panels = plot.series(results)
+  assert set(panels) == {("fwd", True, 32, "float32"),
+                         ("fwd+bwd", True, 32, "float32")}
+  assert [t for t, _ in panels[("fwd", True, 32, "float32")]["xla"]] == [32,
+                                                                        64]
+  path = tmp_path / "results.json"
+  path.write_text(json.dumps({"environment": harness.environment(),
+                              "results": results}))
+  assert plot.plot([str(path)], str(tmp_path / "plot.png")) == 2
+  assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_autotune_search_and_table(tmp_path):
+  """The coordinate search keeps each kernel's fastest candidate (failures
+  skipped), and the written table module is what the backend reads."""
+  import importlib.util
+
+  from benchmarks import autotune
+  from flash_jax.backends.pallas_triton import tuning
+
+  start = tuning.default_tiling(128)
+  spaces = {kernel: list(autotune.candidates(kernel, 128, 2, (9, 0)))
+            for kernel in autotune.SPACE}
+  assert all(spaces.values())
+
+  def fake_time(kernel, tiling):
+    t = getattr(tiling, kernel)
+    if t.num_warps == 4 and kernel == "dq":
+      raise RuntimeError("does not compile")
+    # Fastest: the largest key block, then the most stages.
+    return 1.0 / (t.block_kv * 10 + t.num_stages)
+
+  log = []
+  best = autotune.search(start, fake_time, spaces, log)
+  assert best.forward.block_kv == 128 and best.dkv.block_kv == 128
+  assert best.dq.num_warps == 8
+  assert any("error" in entry for entry in log)
+  sizes = autotune.block_sizes(best)
+  assert sizes.block_kv == best.forward.block_kv
+  assert sizes.num_warps_dq == best.dq.num_warps
+
+  path = tmp_path / "tuned.py"
+  autotune.write_table({"sm90/h128/16bit/causal": best}, str(path))
+  spec = importlib.util.spec_from_file_location("tuned", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert tuning.Tiling.from_dict(
+      module.TUNED["sm90/h128/16bit/causal"]) == best
+  assert "benchmarks/autotune.py" in module.__doc__

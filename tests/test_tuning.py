@@ -1,0 +1,89 @@
+"""Tiling resolution of the Triton backend: tuned table, overrides, clamping
+and the ahead-of-time resource check (CPU only: no kernel runs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import flash_jax
+from flash_jax.backends.pallas_triton import tuned_configs, tuning
+from flash_jax.backends.pallas_triton.tuning import KernelTiling, Tiling
+
+H100, A100, RTX = (9, 0), (8, 0), (8, 6)
+
+
+def resolve(overrides=None, *, head_dim=128, item_bytes=2, causal=False,
+            seq=8192, capability=H100, check=True):
+  return tuning.resolve_tiling(
+      overrides, head_dim=head_dim, value_dim=head_dim, item_bytes=item_bytes,
+      causal=causal, q_seq=seq, kv_seq=seq, capability=capability,
+      check_resources=check)
+
+
+def test_defaults_fit_the_h100_unchanged_in_16_bit():
+  for head_dim in (16, 64, 128, 256):
+    assert resolve(head_dim=head_dim) == tuning.default_tiling(head_dim)
+
+
+def test_tuned_entries_win_over_defaults(monkeypatch):
+  tuned = Tiling(KernelTiling(64, 128, 4, 2), KernelTiling(64, 64, 4, 2),
+                 KernelTiling(64, 64, 4, 2))
+  key = tuning.table_key(H100, 128, False, True)
+  assert key == "sm90/h128/16bit/causal"
+  monkeypatch.setitem(tuned_configs.TUNED, key, tuned.as_dict())
+  assert resolve(causal=True) == tuned
+  assert resolve(causal=False) == tuning.default_tiling(128)
+  assert resolve(causal=True, capability=A100) == tuning.default_tiling(128)
+
+
+def test_overrides_apply_per_kernel_and_blocks_clamp_to_the_sequence():
+  sizes = flash_jax.BlockSizes(block_q=64, block_kv_dq=64, num_warps=4,
+                               num_warps_dkv=8, num_stages_dkv=2,
+                               num_warps_dq=8)
+  tiling = resolve(sizes)
+  assert tiling.forward == KernelTiling(64, 64, 4, 3)
+  assert tiling.dkv == KernelTiling(32, 128, 8, 2)
+  assert tiling.dq == KernelTiling(128, 64, 8, 3)
+  short = resolve(sizes, seq=20)
+  assert short.forward.block_q == 32 and short.dkv.block_kv == 32
+
+
+def test_defaults_shrink_to_fit_smaller_gpus():
+  for capability in (A100, RTX):
+    for head_dim in (64, 128, 256):
+      for item_bytes in (2, 4):
+        tiling = resolve(head_dim=head_dim, item_bytes=item_bytes,
+                         capability=capability)
+        for kernel in ("forward", "dkv", "dq"):
+          assert tuning.check_fits(kernel, getattr(tiling, kernel), head_dim,
+                                   head_dim, item_bytes, capability) is None
+  assert resolve(capability=RTX).forward.num_stages < 3
+
+
+def test_requested_tiles_that_cannot_fit_raise_before_compiling():
+  too_big = flash_jax.BlockSizes(block_q=128, block_kv=128, num_stages=4)
+  with pytest.raises(ValueError, match="shared memory"):
+    resolve(too_big, head_dim=256)
+  # The same request is fine where nothing is compiled (interpret mode).
+  resolve(too_big, head_dim=256, check=False)
+  # And through the public API, at trace time.
+  q = jax.ShapeDtypeStruct((1, 512, 2, 256), jnp.bfloat16)
+  call = lambda q, k, v: flash_jax.dot_product_attention(
+      q, k, v, implementation="pallas_triton", interpret=False,
+      block_sizes=too_big)
+  monkey = pytest.MonkeyPatch()
+  monkey.setattr(flash_jax.platform, "triton_gpu_unsupported_reason",
+                 lambda: None)
+  try:
+    with pytest.raises(ValueError, match="shared memory"):
+      jax.eval_shape(call, q, q, q)
+  finally:
+    monkey.undo()
+
+
+def test_register_estimate_rejects_huge_accumulators():
+  reason = tuning.check_fits("forward", KernelTiling(256, 16, 1, 1), 256,
+                             256, 2, H100)
+  assert reason and "accumulators" in reason
