@@ -200,6 +200,8 @@ def _jax_nn(implementation):
 # compared. "flash_jax" is the portable Triton-backend kernel.
 IMPLEMENTATIONS: dict[str, Callable] = {
     "flash_jax": _flash("pallas_triton"),
+    # The Hopper backend, as its own column (sm90 only).
+    "flash_jax_mosaic": _flash("pallas_mosaic_gpu"),
     "xla": _jax_nn("xla"),
     "cudnn": _jax_nn("cudnn"),
 }
@@ -378,16 +380,20 @@ def _mib(entry, field) -> str:
   return f"{entry[field] / 2**20:.0f}"
 
 
-def ratio_table(results, subject: str = "flash_jax") -> str:
-  """Markdown: ms and TFLOP/s per implementation, ``subject``'s speed-up
-  over cuDNN and XLA, and its compiled scratch and peak memory."""
+def ratio_table(results) -> str:
+  """Markdown: ms and TFLOP/s per implementation; for each flash_jax
+  implementation its speed-up over cuDNN and XLA and its compiled scratch
+  and peak memory."""
   names = []
   for r in results:
     if r["implementation"] not in names:
       names.append(r["implementation"])
-  header = ("| case | pass | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names)
-            + f" | {subject} / cudnn | {subject} / xla | {subject} scratch "
-            "MiB | peak MiB |")
+  subjects = [n for n in names if n.startswith("flash_jax")]
+  header = "| case | pass | " + " | ".join(f"{n} ms (TFLOP/s)" for n in names)
+  for subject in subjects:
+    header += (f" | {subject} / cudnn | {subject} / xla | {subject} scratch "
+               "MiB | peak MiB")
+  header += " |"
   lines = [header, "|" + "---|" * (header.count("|") - 1)]
   for (label, mode), entries in _index(results).items():
     cells = []
@@ -395,12 +401,12 @@ def ratio_table(results, subject: str = "flash_jax") -> str:
       e = entries.get(n)
       cells.append("–" if e is None else "error" if "error" in e else
                    f"{e['seconds'] * 1e3:.2f} ({e['tflops']:.0f})")
-    mine = entries.get(subject)
-    lines.append(
-        f"| {label} | {mode} | " + " | ".join(cells) +
-        f" | {_ratio(mine, entries.get('cudnn'))} | "
-        f"{_ratio(mine, entries.get('xla'))} | {_mib(mine, 'scratch_bytes')} "
-        f"| {_mib(mine, 'peak_bytes')} |")
+    for subject in subjects:
+      mine = entries.get(subject)
+      cells += [_ratio(mine, entries.get("cudnn")),
+                _ratio(mine, entries.get("xla")),
+                _mib(mine, "scratch_bytes"), _mib(mine, "peak_bytes")]
+    lines.append(f"| {label} | {mode} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -454,7 +460,7 @@ def to_csv(results) -> str:
 
 
 def write_results(results, name: str, directory: str | None = None,
-                  comparisons=(), subject: str = "flash_jax") -> str:
+                  comparisons=()) -> str:
   """Writes ``<name>.json``, ``<name>.csv`` and ``<name>.md`` under
   ``benchmarks/results/<card>/`` (or ``directory``); returns the markdown."""
   env = environment()
@@ -469,10 +475,11 @@ def write_results(results, name: str, directory: str | None = None,
   markdown = (
       f"# {name}\n\n{env['card']}, {env['date']}, JAX {env['jax']}.\n\n"
       "ms per call (TFLOP/s by FlashAttention's count: 4·B·N·T·S·H, halved "
-      "for causal, x3.5 for fwd+bwd); ratios are speed-ups of "
-      f"{subject} measured in the same run; memory from XLA's compiled "
+      "for causal, x3.5 for fwd+bwd); ratios are speed-ups of each "
+      "flash_jax implementation measured in the same run; memory from XLA's "
+      "compiled "
       "analysis of the timed function (scratch = temporaries beyond "
-      "arguments and outputs).\n\n" + ratio_table(results, subject) + "\n")
+      "arguments and outputs).\n\n" + ratio_table(results) + "\n")
   if comparisons:
     markdown += "\n## Comparisons\n\n" + comparison_lines(
         results, comparisons) + "\n"

@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import flash_jax  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.harness import Comparison, Row  # noqa: E402
 
@@ -86,6 +87,9 @@ ROW_SETS = {
 def run_set(name: str, implementations=None, out: str | None = None) -> str:
   bench = ROW_SETS[name]
   names = implementations or bench.implementations
+  capability = flash_jax.platform.compute_capability()
+  if implementations is None and capability and capability[0] == 9:
+    names = ("flash_jax_mosaic",) + tuple(names)  # the Hopper backend too
   results = []
   for row in bench.rows:
     print(f"measuring {row.label}", flush=True)

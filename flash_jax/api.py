@@ -23,8 +23,9 @@ from flash_jax.vjp import flash_attention
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
                     jnp.dtype(jnp.bfloat16))
-IMPLEMENTATIONS = ("pallas_triton", "xla", "cudnn")
-# What implementation=None tries, in order.
+IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "xla", "cudnn")
+# What implementation=None tries, in order. The Mosaic GPU (Hopper) backend
+# joins it, ahead of Triton, once its kernels have passed on a GPU.
 AUTO_ORDER = ("pallas_triton", "xla")
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -361,8 +362,10 @@ def dot_product_attention(
       ``jax.nn``.
     implementation: None (auto: the Pallas kernel on an NVIDIA sm80+ GPU,
       the XLA reference elsewhere or for what the kernel does not support
-      yet, with a warning on a GPU), ``"pallas_triton"``, ``"xla"``,
-      ``"cudnn"`` (`jax.nn`'s cuDNN path), or a sequence tried in order:
+      yet, with a warning on a GPU), ``"pallas_triton"``,
+      ``"pallas_mosaic_gpu"`` (Hopper only; its forward has not run on a
+      GPU yet, see README), ``"xla"``, ``"cudnn"`` (`jax.nn`'s cuDNN
+      path), or a sequence tried in order:
       one that cannot take the call raises NotImplementedError internally
       and the next is tried; if none can, one NotImplementedError lists every
       reason.

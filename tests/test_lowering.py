@@ -193,3 +193,43 @@ def test_feature_kernels_lower_for_h100(name):
                         bias, mask, q_ids, kv_ids, lengths, lengths)
   # forward, dK/dV, dQ, and dbias with a bias.
   assert text.count(TRITON_CALL) == 3 + (bias is not None)
+
+
+MOSAIC_CALL = "mosaic_gpu"
+MOSAIC_CASES = {
+    # (B, T, S, N, K, H, dtype, mask spec, lengths, soft-cap)
+    "h128": (2, 4096, 4096, 8, 8, 128, jnp.bfloat16, MaskSpec(), False, None),
+    "h64_causal_gqa_tails": (2, 1000, 1100, 8, 2, 64, jnp.float16,
+                             MaskSpec(is_causal=True), True, None),
+    "h256_window": (1, 4096, 4096, 4, 4, 256, jnp.bfloat16,
+                    MaskSpec(is_causal=True, window_left=512, window_right=0),
+                    True, None),
+    "h40_bottom_right_cap": (1, 97, 203, 4, 1, 40, jnp.bfloat16,
+                             MaskSpec(is_causal=True, diagonal_offset=106),
+                             True, 30.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
+def test_mosaic_gpu_kernels_lower_for_h100(name):
+  """The Hopper backend's forward lowers through Mosaic GPU (its backward is
+  the Triton one, lowered too)."""
+  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
+   cap) = MOSAIC_CASES[name]
+  config = AttentionConfig(mask=spec, scale=head_dim ** -0.5,
+                           implementation="pallas_mosaic_gpu",
+                           interpret=False, logits_soft_cap=cap)
+  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
+                     head_dim, dtype)
+  length = jax.ShapeDtypeStruct((batch,), jnp.int32)
+
+  def loss(q, k, v, q_lengths, kv_lengths):
+    arrays = MaskArrays(q_lengths, kv_lengths) if lengths else MaskArrays()
+    out, lse = flash_attention(config, q, k, v, None, arrays)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  text = lower_for_h100(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v,
+                        length, length)
+  assert f"custom_call @{MOSAIC_CALL}" in text
+  assert text.count(TRITON_CALL) == 2   # dK/dV and dQ

@@ -24,6 +24,7 @@ import importlib
 from types import ModuleType
 
 _MODULES = {
+    "pallas_mosaic_gpu": "flash_jax.backends.pallas_mosaic_gpu",
     "pallas_triton": "flash_jax.backends.pallas_triton",
     "xla": "flash_jax.backends.xla",
 }

@@ -1,0 +1,118 @@
+"""The Hopper backend, written with Pallas' Mosaic GPU dialect (sm90).
+
+Status: the forward kernel (`forward`) is written and lowers for an H100 in
+CI, but has not yet run on a GPU, so it is **not** in the default
+implementation order; ask for it with ``implementation="pallas_mosaic_gpu"``.
+Its backward currently runs the Triton backend's FlashAttention-2 backward
+kernels on the same residuals (out, lse), which the shared residual contract
+allows; a Mosaic GPU backward is still to be written.
+
+It takes: causal (either alignment), local windows, padding lengths, GQA/MQA,
+any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
+dim equal to the query head dim), float16 and bfloat16, soft-cap. Anything
+else raises NotImplementedError so the dispatcher falls through (usually to
+``"pallas_triton"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from flash_jax import platform
+from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
+from flash_jax.config import AttentionConfig
+
+NAME = "pallas_mosaic_gpu"
+HEAD_DIMS = (64, 128, 256)
+
+
+def _padded_head_dim(head_dim: int) -> int:
+  return next(d for d in HEAD_DIMS if d >= head_dim)
+
+
+def _unsupported(config: AttentionConfig, query, value, bias, arrays
+                 ) -> list[str]:
+  spec = config.mask
+  return [reason for reason, bad in (
+      ("bias", bias is not None),
+      ("a dense mask", arrays.mask is not None),
+      ("segment ids", arrays.q_segment_ids is not None),
+      ("mask_fn", spec.mask_fn is not None),
+      ("dropout", config.dropout_rate > 0),
+      (f"dtype {jnp.dtype(query.dtype).name} (float16/bfloat16 only)",
+       jnp.dtype(query.dtype) not in (jnp.float16, jnp.bfloat16)),
+      ("a value head dim different from the query head dim",
+       value.shape[-1] != query.shape[-1]),
+      ("Pallas interpret mode (Mosaic GPU's cannot run wgmma)",
+       config.interpret),
+  ) if bad]
+
+
+def check_supported(config: AttentionConfig, query, key, value, bias,
+                    arrays) -> None:
+  """Raises NotImplementedError(reason) if this backend cannot take the call."""
+  unsupported = _unsupported(config, query, value, bias, arrays)
+  if unsupported:
+    raise NotImplementedError(f"{NAME} does not support {', '.join(unsupported)}")
+  cc = platform.compute_capability()
+  if cc is None or cc[0] != 9:
+    raise NotImplementedError(
+        f"{NAME} needs an sm90 (Hopper) GPU, found "
+        f"{'no NVIDIA GPU' if cc is None else f'sm{cc[0]}{cc[1]}'}")
+
+
+def _params(config: AttentionConfig, query, key):
+  batch, q_seq, num_heads, head_dim = query.shape
+  padded = _padded_head_dim(head_dim)
+  block_kv = 64 if padded > 128 else 128
+  return _forward.ForwardParams(
+      batch=batch, q_seq=q_seq, kv_seq=key.shape[1], num_heads=num_heads,
+      num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
+      mask=config.mask, scale=config.scale,
+      logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
+      stages=3 if padded <= 64 else 2)
+
+
+def _lengths(lengths, batch: int, full: int):
+  if lengths is None:
+    return jnp.full((batch,), full, jnp.int32)
+  return lengths.astype(jnp.int32)
+
+
+def _pad(x, seq: int, head_dim: int):
+  """Zero-pads the sequence axis to ``seq`` and the head axis to
+  ``head_dim``. (TMA tiles need sequence lengths that are multiples of 8 and
+  128-byte rows; padded keys lie past ``kv_len`` and are masked, padded
+  queries are sliced off.)"""
+  pad_seq, pad_head = seq - x.shape[1], head_dim - x.shape[-1]
+  if pad_seq == 0 and pad_head == 0:
+    return x
+  return jnp.pad(x, [(0, 0), (0, pad_seq), (0, 0), (0, pad_head)])
+
+
+def forward(config: AttentionConfig, query, key, value, bias, arrays):
+  """Returns ``(out [B,T,N,H], lse [B,N,T] float32)``."""
+  assert not _unsupported(config, query, value, bias, arrays)
+  batch, q_seq, _, head_dim = query.shape
+  kv_seq = key.shape[1]
+  p = _params(config, query, key)
+  q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
+  # The kernel sees the padded lengths; the mask keeps the true ones.
+  p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
+  out, lse = _forward.forward(
+      p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
+      _pad(value, kv_pad, p.head_dim),
+      _lengths(arrays.q_lengths, batch, q_seq),
+      _lengths(arrays.kv_lengths, batch, kv_seq))
+  return out[:, :q_seq, :, :head_dim], lse[:, :, :q_seq]
+
+
+def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
+             lse, dout, dlse):
+  """The Triton backend's backward kernels on this forward's residuals."""
+  from flash_jax.backends import pallas_triton
+
+  return pallas_triton.backward(config, query, key, value, bias, arrays, out,
+                                lse, dout, dlse)

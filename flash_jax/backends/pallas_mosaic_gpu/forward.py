@@ -1,0 +1,243 @@
+"""FlashAttention forward for Hopper (sm90), in Pallas' Mosaic GPU dialect.
+
+One CTA owns ``2 * BLOCK_Q`` query rows of one (batch, head) and runs three
+warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1):
+
+* a producer warpgroup streams key and value blocks into a ``stages``-deep
+  shared-memory ring with TMA, each slot guarded by a "ready" barrier (TMA
+  completion) and a "free" barrier (both consumers done with it);
+* two consumer warpgroups, ``BLOCK_Q = 64`` query rows each (one wgmma M
+  tile), compute ``S = Q K^T`` and ``O += P V`` with wgmma, keeping the
+  online softmax (running max ``m`` and sum ``l``, exp2 with log2(e) folded
+  into the scale) in registers.
+
+Both consumers walk the same key blocks, the union of what their rows can
+attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
+no per-consumer schedule; each consumer splits that range by its own rows
+into masked and unmasked phases, so only blocks on a mask boundary pay for
+the element-wise mask. Tails need no padding: TMA reads past the array as
+zeros (those keys are masked by ``kv_len``) and clips stores past it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_jax.masks import MaskSpec
+
+LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
+BLOCK_Q = 64          # query rows per consumer warpgroup
+CONSUMERS = 2
+PRODUCER = CONSUMERS  # warpgroup index of the TMA producer
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardParams:
+  """Static shapes and options of one forward launch."""
+
+  batch: int
+  q_seq: int
+  kv_seq: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int          # a multiple of 64 (callers pad)
+  dtype: jnp.dtype
+  mask: MaskSpec
+  scale: float
+  logits_soft_cap: float | None
+  block_kv: int
+  stages: int
+
+  @property
+  def groups(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def rows_per_cta(self) -> int:
+    return CONSUMERS * BLOCK_Q
+
+
+def _scaled_logits(s, p: ForwardParams):
+  """Logits in log2 units from the raw ``q . k`` accumulator."""
+  cap = p.logits_soft_cap
+  if cap is None:
+    return s * (p.scale * LOG2_E)
+  return jnp.tanh(s * (p.scale / cap)) * (cap * LOG2_E)
+
+
+def _row_vector_of(tile_condition):
+  """A per-row bool (the accumulator's row layout) from a 2-D condition that
+  is constant along each row."""
+  return jnp.max(jnp.where(tile_condition, 1.0, 0.0), axis=1) > 0.5
+
+
+def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
+                    lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
+                    k_ready, v_ready, k_free, v_free, *, p: ForwardParams):
+  batch = lax.axis_index("batch")
+  head = lax.axis_index("heads")
+  wg = lax.axis_index("wg")
+  block_kv, stages = p.block_kv, p.stages
+  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
+  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  cta_start = lax.axis_index("q") * p.rows_per_cta
+  union = p.mask.kv_block_range(cta_start, cta_start + p.rows_per_cta, q_len,
+                                kv_len, block_kv)
+  lo = jnp.asarray(union.lo, jnp.int32)
+  steps = jnp.asarray(union.hi, jnp.int32) - lo
+
+  @pl.when(wg == PRODUCER)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.int32(p.groups))
+
+    @pl.loop(0, steps)
+    def _(t):
+      slot = lax.rem(t, jnp.int32(stages))
+      rows = pl.ds((lo + t) * block_kv, block_kv)
+      # A slot is reused only after both consumers released it.
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot],
+                              k_ready.at[slot])
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot],
+                              v_ready.at[slot])
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_start = cta_start + wg * BLOCK_Q
+    qo = qo_smem.at[wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, BLOCK_Q), head], qo,
+                            q_ready.at[wg])
+    plgpu.barrier_wait(q_ready.at[wg])
+
+    own = p.mask.kv_block_range(q_start, q_start + BLOCK_Q, q_len, kv_len,
+                                block_kv)
+    # This warpgroup's unmasked blocks, as steps into the shared range.
+    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0, steps)
+    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
+                        steps)
+    tile = (BLOCK_Q, block_kv)
+
+    def step(t, carry, *, masked: bool):
+      acc, m_prev, l_prev = carry
+      slot = lax.rem(t, jnp.int32(stages))
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
+      logits = _scaled_logits(s, p)
+      if masked:
+        q_idx = q_start + plgpu.broadcasted_iota(
+            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+        kv_idx = (lo + t) * block_kv + plgpu.broadcasted_iota(
+            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+        logits = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), logits,
+                           -jnp.inf)
+      m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+      # Rows with nothing attended yet keep m = -inf; shift them by 0 so
+      # exp2 gives 0, not NaN.
+      m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else \
+          m_next
+      correction = jnp.exp2(m_prev - m_shift)
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, tile, [0]))
+      l_next = l_prev * correction + jnp.sum(probs, axis=1)
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      probs = probs.astype(p.dtype)
+      plgpu.barrier_wait(v_ready.at[slot])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(v_free.at[slot])
+      return acc, m_next, l_next
+
+    carry = (
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q, p.head_dim), jnp.float32),
+                          plgpu.Layout.WGMMA),
+        plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+        plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
+                          plgpu.Layout.WGMMA.reduce(1)),
+    )
+    masked_step = functools.partial(step, masked=True)
+    carry = lax.fori_loop(0, first_full, masked_step, carry)
+    carry = lax.fori_loop(first_full, end_full,
+                          functools.partial(step, masked=False), carry)
+    acc, m, l = lax.fori_loop(end_full, steps, masked_step, carry)
+
+    # Rows that attend nothing (padding, or every key masked): 0 and -inf.
+    rows = q_start + plgpu.broadcasted_iota(
+        jnp.int32, (BLOCK_Q, p.head_dim), 0, layout=plgpu.Layout.WGMMA)
+    attends = (l > 0.0) & _row_vector_of(rows < q_len)
+    safe_l = jnp.where(attends, l, 1.0)
+    scale_rows = jnp.where(attends, 1.0 / safe_l, 0.0)
+    out = acc * lax.broadcast_in_dim(scale_rows, acc.shape, [0])
+    lse = jnp.where(attends, (m + jnp.log2(safe_l)) * LN_2, -jnp.inf)
+    qo[...] = out.astype(p.dtype)
+    lse_smem.at[wg][...] = lse
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo, out_ref.at[batch, pl.ds(q_start, BLOCK_Q),
+                                            head])
+    plgpu.copy_smem_to_gmem(lse_smem.at[wg],
+                            lse_ref.at[batch, head, pl.ds(q_start, BLOCK_Q)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
+  """Returns ``out [B,T,N,H]`` and ``lse [B,N,T]`` (float32, natural log).
+
+  ``query``/``key``/``value`` have a head dim that is a multiple of 64;
+  ``q_lengths``/``kv_lengths`` are int32 ``[B]``.
+  """
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  smem = lambda *shape: plgpu.SMEM(shape, p.dtype, transforms=transforms)
+  scratch = [
+      smem(CONSUMERS, BLOCK_Q, p.head_dim),                   # Q, then O
+      smem(p.stages, p.block_kv, p.head_dim),                 # K ring
+      smem(p.stages, p.block_kv, p.head_dim),                 # V ring
+      plgpu.SMEM((CONSUMERS, BLOCK_Q), jnp.float32),          # lse
+      plgpu.Barrier(num_barriers=CONSUMERS),                  # Q landed
+      plgpu.Barrier(num_barriers=p.stages),                   # K landed
+      plgpu.Barrier(num_barriers=p.stages),                   # V landed
+      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # K free
+      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
+  ]
+  num_q_tiles = pl.cdiv(p.q_seq, p.rows_per_cta)
+  out_type = [
+      jax.ShapeDtypeStruct((p.batch, p.q_seq, p.num_heads, p.head_dim),
+                           p.dtype),
+      # Padded to whole CTAs: a TMA row stride must be a multiple of 16
+      # bytes, which T * 4 need not be.
+      jax.ShapeDtypeStruct((p.batch, p.num_heads, num_q_tiles * p.rows_per_cta),
+                           jnp.float32),
+  ]
+  out, lse = plgpu.kernel(
+      functools.partial(_forward_kernel, p=p),
+      out_type=out_type,
+      scratch_types=scratch,
+      grid=(num_q_tiles, p.num_heads, p.batch),
+      grid_names=("q", "heads", "batch"),
+      num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q_lengths, kv_lengths, query, key, value)
+  return out, lse[:, :, :p.q_seq]

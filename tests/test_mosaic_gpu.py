@@ -1,0 +1,105 @@
+"""The Hopper (Mosaic GPU) backend's CPU-testable parts: which calls it
+takes, the fall-through for the rest, and its CTA schedule (both consumer
+warpgroups walk the union of their rows' key blocks, each splitting it into
+masked and unmasked phases) against brute force. Its kernels are lowered in
+test_lowering.py and run by TestPallasMosaicGpu on an H100."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flash_jax
+from flash_jax.backends import pallas_mosaic_gpu as mosaic
+from flash_jax.backends.pallas_mosaic_gpu.forward import BLOCK_Q, CONSUMERS
+from flash_jax.masks import MaskSpec
+from helpers import Case, draw_inputs
+from test_masks import _dense, _random_spec
+
+
+def test_unsupported_calls_name_their_reason_and_fall_through(rng,
+                                                              monkeypatch):
+  q, k, v, _ = draw_inputs(rng, Case(1, 40, 40, 2, 1, 32, 32, True,
+                                     "float32"))
+  with pytest.raises(NotImplementedError, match="float32"):
+    flash_jax.dot_product_attention(q, k, v, implementation="pallas_mosaic_gpu")
+  bias = jnp.ones((1, 1, 40, 40))
+  with pytest.raises(NotImplementedError, match="bias"):
+    flash_jax.dot_product_attention(q.astype(jnp.bfloat16),
+                                    k.astype(jnp.bfloat16),
+                                    v.astype(jnp.bfloat16), bias=bias,
+                                    implementation="pallas_mosaic_gpu",
+                                    interpret=False)
+  # A supported call on a machine without an sm90 GPU is refused too.
+  monkeypatch.setattr(flash_jax.platform, "compute_capability", lambda: (8, 0))
+  with pytest.raises(NotImplementedError, match="sm90"):
+    flash_jax.dot_product_attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)),
+        implementation="pallas_mosaic_gpu", interpret=False)
+  monkeypatch.undo()
+  # In a sequence, the next implementation takes what it refuses.
+  out = flash_jax.dot_product_attention(
+      q, k, v, is_causal=True,
+      implementation=["pallas_mosaic_gpu", "pallas_triton"])
+  expected = flash_jax.dot_product_attention(
+      q, k, v, is_causal=True, implementation="pallas_triton")
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_head_dims_pad_to_wgmma_widths():
+  assert [mosaic._padded_head_dim(h) for h in (1, 40, 64, 65, 111, 128, 200,
+                                               256)] == [
+      64, 64, 64, 128, 128, 128, 256, 256]
+
+
+def _cta_schedule(spec, cta, q_len, kv_len, block_kv):
+  """What the kernel computes for one CTA: the shared key-block range and,
+  per consumer, its (first_full, end_full) steps (mirrors forward.py)."""
+  rows = CONSUMERS * BLOCK_Q
+  union = spec.kv_block_range(cta * rows, (cta + 1) * rows, q_len, kv_len,
+                              block_kv)
+  lo, steps = int(union.lo), int(union.hi) - int(union.lo)
+  phases = []
+  for wg in range(CONSUMERS):
+    start = cta * rows + wg * BLOCK_Q
+    own = spec.kv_block_range(start, start + BLOCK_Q, q_len, kv_len, block_kv)
+    first_full = int(np.clip(int(own.full_lo) - lo, 0, steps))
+    end_full = int(np.clip(int(own.full_hi) - lo, first_full, steps))
+    phases.append((start, first_full, end_full))
+  return lo, steps, phases
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_cta_schedule_covers_every_attended_key_and_masks_every_boundary(
+    seed):
+  rs = np.random.RandomState(seed)
+  q_seq, kv_seq = (int(x) for x in rs.randint(1, 700, size=2))
+  block_kv = int(rs.choice([64, 128]))
+  q_len = int(rs.randint(0, q_seq + 1)) if rs.rand() < 0.3 else q_seq
+  kv_len = int(rs.randint(0, kv_seq + 1)) if rs.rand() < 0.3 else kv_seq
+  spec = _random_spec(rs, q_seq, kv_seq)
+  allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
+  rows = CONSUMERS * BLOCK_Q
+  for cta in range(-(-q_seq // rows)):
+    lo, steps, phases = _cta_schedule(spec, cta, q_len, kv_len, block_kv)
+    visited = np.zeros(kv_seq, bool)
+    visited[lo * block_kv:(lo + steps) * block_kv] = True
+    for start, first_full, end_full in phases:
+      mine = allowed[start:start + BLOCK_Q]
+      # Every attended key of this warpgroup's rows is in a visited block.
+      assert not (mine & ~visited[None, :]).any(), (cta, start)
+      # Blocks it computes without a mask are attended by all its valid rows.
+      valid_rows = max(0, min(start + BLOCK_Q, q_len) - start)
+      for t in range(first_full, end_full):
+        block = mine[:valid_rows, (lo + t) * block_kv:(lo + t + 1) * block_kv]
+        assert block.shape[1] == block_kv and block.all(), (cta, start, t)
+
+
+def test_cta_schedule_is_tight_for_causal():
+  """T = S = 1024, blocks of 128: CTA 3 (rows 384..511) visits key blocks
+  0..3; consumer 0 (rows 384..447) masks only block 3, consumer 1 too."""
+  lo, steps, phases = _cta_schedule(MaskSpec(is_causal=True), 3, 1024, 1024,
+                                    128)
+  assert (lo, steps) == (0, 4)
+  assert [p[1:] for p in phases] == [(0, 3), (0, 3)]
