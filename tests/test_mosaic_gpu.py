@@ -103,3 +103,33 @@ def test_cta_schedule_is_tight_for_causal():
                                     128)
   assert (lo, steps) == (0, 4)
   assert [p[1:] for p in phases] == [(0, 3), (0, 3)]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_key_major_schedule_of_the_dkv_kernel(seed):
+  """dK/dV CTAs own 128 keys; both consumers walk the union of their keys'
+  query blocks, each unmasked only where all its keys are attended."""
+  rs = np.random.RandomState(1000 + seed)
+  q_seq, kv_seq = (int(x) for x in rs.randint(1, 700, size=2))
+  q_len = int(rs.randint(0, q_seq + 1)) if rs.rand() < 0.3 else q_seq
+  kv_len = int(rs.randint(0, kv_seq + 1)) if rs.rand() < 0.3 else kv_seq
+  spec = _random_spec(rs, q_seq, kv_seq)
+  allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
+  rows = CONSUMERS * BLOCK_Q
+  for cta in range(-(-kv_seq // rows)):
+    union = spec.q_block_range(cta * rows, (cta + 1) * rows, q_len, kv_len,
+                               BLOCK_Q)
+    lo, steps = int(union.lo), int(union.hi) - int(union.lo)
+    visited = np.zeros(q_seq, bool)
+    visited[lo * BLOCK_Q:(lo + steps) * BLOCK_Q] = True
+    for wg in range(CONSUMERS):
+      start = cta * rows + wg * BLOCK_Q
+      own = spec.q_block_range(start, start + BLOCK_Q, q_len, kv_len, BLOCK_Q)
+      first_full = int(np.clip(int(own.full_lo) - lo, 0, steps))
+      end_full = int(np.clip(int(own.full_hi) - lo, first_full, steps))
+      mine = allowed[:, start:start + BLOCK_Q]
+      assert not (mine & ~visited[:, None]).any(), (cta, wg)
+      for t in range(first_full, end_full):
+        q0 = (lo + t) * BLOCK_Q
+        block = mine[q0:min(q0 + BLOCK_Q, q_len)]
+        assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)

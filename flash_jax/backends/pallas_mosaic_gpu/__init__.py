@@ -1,11 +1,11 @@
 """The Hopper backend, written with Pallas' Mosaic GPU dialect (sm90).
 
-Status: the forward kernel (`forward`) is written and lowers for an H100 in
-CI, but has not yet run on a GPU, so it is **not** in the default
-implementation order; ask for it with ``implementation="pallas_mosaic_gpu"``.
-Its backward currently runs the Triton backend's FlashAttention-2 backward
-kernels on the same residuals (out, lse), which the shared residual contract
-allows; a Mosaic GPU backward is still to be written.
+Status: the forward and backward kernels are written and lower for an H100
+in CI, but have not yet run on a GPU, so the backend is **not** in the
+default implementation order; ask for it with
+``implementation="pallas_mosaic_gpu"``. For head dims above 128 the
+backward runs the Triton backend's kernels on the same residuals (out, lse),
+which the shared residual contract allows.
 
 It takes: causal (either alignment), local windows, padding lengths, GQA/MQA,
 any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
@@ -21,6 +21,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from flash_jax import platform
+from flash_jax.backends.pallas_mosaic_gpu import backward as _backward
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
 from flash_jax.config import AttentionConfig
 
@@ -109,10 +110,37 @@ def forward(config: AttentionConfig, query, key, value, bias, arrays):
   return out[:, :q_seq, :, :head_dim], lse[:, :, :q_seq]
 
 
+def _backward_unsupported(config: AttentionConfig, query) -> str | None:
+  if _padded_head_dim(query.shape[-1]) > 128:
+    # dK and dV for 64 keys x 256 dims would not fit one warpgroup's
+    # registers next to the score tiles.
+    return "head dims above 128"
+  return None
+
+
 def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
              lse, dout, dlse):
-  """The Triton backend's backward kernels on this forward's residuals."""
-  from flash_jax.backends import pallas_triton
-
-  return pallas_triton.backward(config, query, key, value, bias, arrays, out,
-                                lse, dout, dlse)
+  """Returns ``(dq, dk, dv, None)``: the Mosaic GPU backward kernels for
+  head dims up to 128, the Triton backend's kernels (same residuals) above."""
+  if _backward_unsupported(config, query):
+    from flash_jax.backends import pallas_triton
+    return pallas_triton.backward(config, query, key, value, bias, arrays,
+                                  out, lse, dout, dlse)
+  batch, q_seq, _, head_dim = query.shape
+  kv_seq = key.shape[1]
+  p = _params(config, query, key)
+  q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
+  p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
+  # D = rowsum(dO * O), minus the lse cotangent (FlashAttention-2).
+  delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
+                     dout.astype(jnp.float32)) - dlse.astype(jnp.float32)
+  rows = [(0, 0), (0, 0), (0, q_pad - q_seq)]
+  lse = jnp.pad(lse, rows, constant_values=-jnp.inf)
+  delta = jnp.pad(delta, rows)
+  dq, dk, dv = _backward.backward(
+      p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
+      _pad(value, kv_pad, p.head_dim), _pad(dout, q_pad, p.head_dim), lse,
+      delta, _lengths(arrays.q_lengths, batch, q_seq),
+      _lengths(arrays.kv_lengths, batch, kv_seq))
+  return (dq[:, :q_seq, :, :head_dim], dk[:, :kv_seq, :, :head_dim],
+          dv[:, :kv_seq, :, :head_dim], None)

@@ -1,0 +1,361 @@
+"""FlashAttention-2 backward for Hopper, in Pallas' Mosaic GPU dialect.
+
+The probabilities are recomputed from the saved logsumexp, ``P = exp2(S *
+scale * log2(e) - lse * log2(e))``; with ``D = rowsum(dO * O)`` (computed in
+XLA, minus the lse cotangent):
+
+    dV = P^T dO     dP = dO V^T     dS = P * (dP - D)
+    dK = scale * dS^T Q             dQ = scale * dS K
+
+Two kernels, no atomics, so the backward is bitwise deterministic. Each has
+the forward's shape: a producer warpgroup streams tiles through a TMA ring
+and two consumer warpgroups (64 rows each) run wgmma.
+
+* dK/dV (key-major): a CTA owns 128 keys of one (batch, kv head); each
+  consumer holds 64 keys' K and V in shared memory and its dK, dV in
+  registers, and walks the query blocks of every query head of its GQA group
+  (the producer streams Q, dO, lse and D for them), so a kv head's gradient
+  sums its group in registers. It computes the transposed products (``S^T =
+  K Q^T``, ``dP^T = V dO^T``) so that keys are the wgmma M dimension.
+* dQ (query-major): a CTA owns 128 queries of one (batch, head), like the
+  forward, and streams K and V.
+
+Rows that attend nothing carry lse = -inf; it is read as +inf so that their
+P is exactly 0.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from flash_jax.backends.pallas_mosaic_gpu.forward import (
+    BLOCK_Q, CONSUMERS, LOG2_E, PRODUCER, ForwardParams)
+
+BLOCK = BLOCK_Q       # rows per consumer warpgroup, and streamed block rows
+
+
+def _smem(p: ForwardParams, *shape):
+  transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  return plgpu.SMEM(shape, p.dtype, transforms=transforms)
+
+
+def _logits(s, p: ForwardParams):
+  """Logits in log2 units and tanh of the soft-cap (or None)."""
+  cap = p.logits_soft_cap
+  if cap is None:
+    return s * (p.scale * LOG2_E), None
+  tanh = jnp.tanh(s * (p.scale / cap))
+  return tanh * (cap * LOG2_E), tanh
+
+
+def _lse_log2(lse):
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2_E
+
+
+def _phases(total, first_full, end_full, step, carry):
+  """Masked steps, unmasked steps, masked steps."""
+  masked = functools.partial(step, masked=True)
+  carry = lax.fori_loop(0, first_full, masked, carry)
+  carry = lax.fori_loop(first_full, end_full,
+                        functools.partial(step, masked=False), carry)
+  return lax.fori_loop(end_full, total, masked, carry)
+
+
+def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring,
+                lse_ring, delta_ring, kv_ready, q_ready, do_ready, lse_ready,
+                delta_ready, ring_free, *, p: ForwardParams):
+  batch = lax.axis_index("batch")
+  kv_head = lax.axis_index("heads")
+  wg = lax.axis_index("wg")
+  stages = p.stages
+  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
+  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  cta_start = lax.axis_index("kv") * (CONSUMERS * BLOCK)
+  union = p.mask.q_block_range(cta_start, cta_start + CONSUMERS * BLOCK,
+                               q_len, kv_len, BLOCK)
+  lo = jnp.asarray(union.lo, jnp.int32)
+  q_steps = jnp.asarray(union.hi, jnp.int32) - lo
+  # Every query head of the GQA group, each over the same query blocks.
+  steps = q_steps * p.groups
+
+  def locate(t):
+    group, i = lax.div(t, jnp.maximum(q_steps, 1)), lax.rem(
+        t, jnp.maximum(q_steps, 1))
+    return kv_head * p.groups + group, lo + i
+
+  @pl.when(wg == PRODUCER)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+
+    @pl.loop(0, steps)
+    def _(t):
+      slot = lax.rem(t, jnp.int32(stages))
+      head, q_block = locate(t)
+      rows = pl.ds(q_block * BLOCK, BLOCK)
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(ring_free.at[slot])
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_ring.at[slot],
+                              q_ready.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows],
+                              lse_ring.at[slot], lse_ready.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_ring.at[slot],
+                              do_ready.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
+                              delta_ring.at[slot], delta_ready.at[slot])
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    kv_start = cta_start + wg * BLOCK
+    keys = (batch, pl.ds(kv_start, BLOCK), kv_head)
+    k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_tile, kv_ready.at[wg])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile,
+                            kv_ready.at[CONSUMERS + wg])
+    plgpu.barrier_wait(kv_ready.at[wg])
+    plgpu.barrier_wait(kv_ready.at[CONSUMERS + wg])
+
+    own = p.mask.q_block_range(kv_start, kv_start + BLOCK, q_len, kv_len,
+                               BLOCK)
+    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0,
+                          q_steps)
+    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
+                        q_steps)
+    tile = (BLOCK, BLOCK)          # [keys, queries]
+    column = plgpu.Layout.WGMMA.reduce(0)
+
+    def step(t, carry, *, masked: bool):
+      dk, dv = carry
+      slot = lax.rem(t, jnp.int32(stages))
+      head, q_block = locate(t)
+      del head  # the mask does not depend on it
+      plgpu.barrier_wait(q_ready.at[slot])
+      plgpu.barrier_wait(lse_ready.at[slot])
+
+      def scores(acc_ref):
+        plgpu.wgmma(acc_ref, k_tile, q_ring.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      s_t = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
+      logits, tanh = _logits(s_t, p)
+      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
+      if masked:
+        kv_idx = kv_start + plgpu.broadcasted_iota(
+            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+        q_idx = q_block * BLOCK + plgpu.broadcasted_iota(
+            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+        probs = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), probs, 0.0)
+      plgpu.barrier_wait(do_ready.at[slot])
+      plgpu.barrier_wait(delta_ready.at[slot])
+
+      def dv_update(acc_ref):
+        plgpu.wgmma(acc_ref, probs.astype(p.dtype), do_ring.at[slot])
+      dv = pl.run_state(dv_update)(plgpu.ACC.init(dv))
+
+      def dprobs(acc_ref):
+        plgpu.wgmma(acc_ref, v_tile, do_ring.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      dp_t = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
+      delta = plgpu.load(delta_ring.at[slot], layout=column)
+      ds_t = probs * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
+      if tanh is not None:
+        ds_t = ds_t * (1.0 - tanh * tanh)
+
+      def dk_update(acc_ref):
+        plgpu.wgmma(acc_ref, ds_t.astype(p.dtype), q_ring.at[slot])
+      dk = pl.run_state(dk_update)(plgpu.ACC.init(dk))
+      plgpu.barrier_arrive(ring_free.at[slot])
+      return dk, dv
+
+    zeros = plgpu.layout_cast(jnp.zeros((BLOCK, p.head_dim), jnp.float32),
+                              plgpu.Layout.WGMMA)
+
+    def over_group(group, carry):
+      base = group * q_steps
+      shifted = lambda t, c, *, masked: step(base + t, c, masked=masked)
+      return _phases(q_steps, first_full, end_full, shifted, carry)
+
+    dk, dv = lax.fori_loop(0, p.groups, over_group, (zeros, zeros))
+    k_tile[...] = (dk * p.scale).astype(p.dtype)
+    v_tile[...] = dv.astype(p.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[keys])
+    plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[keys])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+               delta_ref, dq_ref, q_smem, do_smem, lse_smem, delta_smem,
+               k_ring, v_ring, row_ready, k_ready, v_ready, k_free, v_free, *,
+               p: ForwardParams):
+  batch = lax.axis_index("batch")
+  head = lax.axis_index("heads")
+  wg = lax.axis_index("wg")
+  block_kv, stages = BLOCK, p.stages
+  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
+  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  cta_start = lax.axis_index("q") * (CONSUMERS * BLOCK)
+  union = p.mask.kv_block_range(cta_start, cta_start + CONSUMERS * BLOCK,
+                                q_len, kv_len, block_kv)
+  lo = jnp.asarray(union.lo, jnp.int32)
+  steps = jnp.asarray(union.hi, jnp.int32) - lo
+
+  @pl.when(wg == PRODUCER)
+  def _producer():
+    plgpu.set_max_registers(40, action="decrease")
+    kv_head = lax.div(head, jnp.int32(p.groups))
+
+    @pl.loop(0, steps)
+    def _(t):
+      slot = lax.rem(t, jnp.int32(stages))
+      rows = pl.ds((lo + t) * block_kv, block_kv)
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_ring.at[slot],
+                              k_ready.at[slot])
+
+      @pl.when(t >= stages)
+      def _():
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_ring.at[slot],
+                              v_ready.at[slot])
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    plgpu.set_max_registers(232, action="increase")
+    q_start = cta_start + wg * BLOCK
+    rows = pl.ds(q_start, BLOCK)
+    q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+    # One barrier per array: each TMA copy arrives on its own barrier.
+    ready = lambda i: row_ready.at[i * CONSUMERS + wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_tile, ready(0))
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_tile, ready(1))
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows], lse_smem.at[wg],
+                            ready(2))
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
+                            delta_smem.at[wg], ready(3))
+    for i in range(4):
+      plgpu.barrier_wait(ready(i))
+    row = plgpu.Layout.WGMMA.reduce(1)
+    lse = _lse_log2(plgpu.load(lse_smem.at[wg], layout=row))
+    delta = plgpu.load(delta_smem.at[wg], layout=row)
+
+    own = p.mask.kv_block_range(q_start, q_start + BLOCK, q_len, kv_len,
+                                block_kv)
+    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0, steps)
+    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
+                        steps)
+    tile = (BLOCK, block_kv)
+
+    def step(t, dq, *, masked: bool):
+      slot = lax.rem(t, jnp.int32(stages))
+      plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(acc_ref):
+        plgpu.wgmma(acc_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      s = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
+      logits, tanh = _logits(s, p)
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
+      if masked:
+        q_idx = q_start + plgpu.broadcasted_iota(
+            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
+        kv_idx = (lo + t) * block_kv + plgpu.broadcasted_iota(
+            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
+        probs = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), probs, 0.0)
+      plgpu.barrier_wait(v_ready.at[slot])
+
+      def dprobs(acc_ref):
+        plgpu.wgmma(acc_ref, do_tile, v_ring.at[slot].transpose((1, 0)))
+        return acc_ref[...]
+      dp = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_arrive(v_free.at[slot])
+      ds = probs * (dp - lax.broadcast_in_dim(delta, tile, [0]))
+      if tanh is not None:
+        ds = ds * (1.0 - tanh * tanh)
+
+      def dq_update(acc_ref):
+        plgpu.wgmma(acc_ref, ds.astype(p.dtype), k_ring.at[slot])
+      dq = pl.run_state(dq_update)(plgpu.ACC.init(dq))
+      plgpu.barrier_arrive(k_free.at[slot])
+      return dq
+
+    zeros = plgpu.layout_cast(jnp.zeros((BLOCK, p.head_dim), jnp.float32),
+                              plgpu.Layout.WGMMA)
+    dq = _phases(steps, first_full, end_full, step, zeros)
+    q_tile[...] = (dq * p.scale).astype(p.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
+             kv_lengths):
+  """Returns ``(dq, dk, dv)``.
+
+  Sequence lengths are multiples of 8 and head dims of 64 (callers pad);
+  ``lse``/``delta`` are float32 ``[B, N, T]``. Tiles hanging past T or S
+  read zeros through TMA, which contribute nothing (zero Q and dO rows give
+  zero products; padded keys are masked by ``kv_len``), and their stores
+  are clipped.
+  """
+  rows = CONSUMERS * BLOCK
+  kernel = functools.partial(
+      plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True))
+  stages = p.stages
+  vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
+
+  dk, dv = kernel(
+      functools.partial(_dkv_kernel, p=p),
+      out_type=[jax.ShapeDtypeStruct(key.shape, key.dtype),
+                jax.ShapeDtypeStruct(value.shape, value.dtype)],
+      scratch_types=[
+          _smem(p, CONSUMERS, BLOCK, p.head_dim),          # K
+          _smem(p, CONSUMERS, BLOCK, p.head_dim),          # V
+          _smem(p, stages, BLOCK, p.head_dim),             # Q ring
+          _smem(p, stages, BLOCK, p.head_dim),             # dO ring
+          vector(stages, BLOCK),                           # lse ring
+          vector(stages, BLOCK),                           # D ring
+          plgpu.Barrier(num_barriers=2 * CONSUMERS),       # K, V landed
+          plgpu.Barrier(num_barriers=stages),              # Q landed
+          plgpu.Barrier(num_barriers=stages),              # dO landed
+          plgpu.Barrier(num_barriers=stages),              # lse landed
+          plgpu.Barrier(num_barriers=stages),              # D landed
+          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # free
+      ],
+      grid=(pl.cdiv(p.kv_seq, rows), p.num_kv_heads, p.batch),
+      grid_names=("kv", "heads", "batch"),
+  )(q_lengths, kv_lengths, query, key, value, dout, lse, delta)
+
+  dq = kernel(
+      functools.partial(_dq_kernel, p=p),
+      out_type=jax.ShapeDtypeStruct(query.shape, query.dtype),
+      scratch_types=[
+          _smem(p, CONSUMERS, BLOCK, p.head_dim),          # Q
+          _smem(p, CONSUMERS, BLOCK, p.head_dim),          # dO
+          vector(CONSUMERS, BLOCK),                        # lse
+          vector(CONSUMERS, BLOCK),                        # D
+          _smem(p, stages, BLOCK, p.head_dim),             # K ring
+          _smem(p, stages, BLOCK, p.head_dim),             # V ring
+          plgpu.Barrier(num_barriers=4 * CONSUMERS),       # Q, dO, lse, D
+          plgpu.Barrier(num_barriers=stages),              # K landed
+          plgpu.Barrier(num_barriers=stages),              # V landed
+          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
+          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
+      ],
+      grid=(pl.cdiv(p.q_seq, rows), p.num_heads, p.batch),
+      grid_names=("q", "heads", "batch"),
+  )(q_lengths, kv_lengths, query, key, value, dout, lse, delta)
+  return dq, dk, dv
