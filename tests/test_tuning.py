@@ -22,9 +22,11 @@ def resolve(overrides=None, *, head_dim=128, item_bytes=2, causal=False,
       check_resources=check)
 
 
-def test_defaults_fit_the_h100_unchanged_in_16_bit():
+def test_defaults_fit_the_h100_unchanged():
   for head_dim in (16, 64, 128, 256):
     assert resolve(head_dim=head_dim) == tuning.default_tiling(head_dim)
+    assert resolve(head_dim=head_dim, item_bytes=4) == tuning.default_tiling(
+        head_dim, float32=True)
 
 
 def test_tuned_entries_win_over_defaults(monkeypatch):

@@ -82,8 +82,18 @@ def table_key(capability, head_dim_padded: int, float32: bool,
           f"{'causal' if causal else 'full'}")
 
 
-def default_tiling(head_dim_padded: int) -> Tiling:
-  """Untuned defaults for sm80/sm90-class GPUs, by padded head dim."""
+def default_tiling(head_dim_padded: int, float32: bool = False) -> Tiling:
+  """Untuned defaults for sm80/sm90-class GPUs, by padded head dim.
+
+  float32 gets smaller tiles: its dots run at full precision on CUDA cores
+  (no TF32), where big tiles buy little and cost registers and compile time.
+  """
+  if float32:
+    if head_dim_padded <= 128:
+      return Tiling(KernelTiling(64, 32, 4, 2), KernelTiling(32, 64, 8, 2),
+                    KernelTiling(64, 32, 4, 2))
+    return Tiling(KernelTiling(32, 32, 4, 2), KernelTiling(16, 32, 8, 2),
+                  KernelTiling(32, 32, 4, 2))
   if head_dim_padded <= 64:
     return Tiling(KernelTiling(128, 64, 4, 3), KernelTiling(32, 128, 4, 3),
                   KernelTiling(128, 32, 4, 3))
@@ -173,7 +183,11 @@ def resolve_tiling(overrides: BlockSizes | None, *, head_dim: int,
   widest = max(head_dim, value_dim)
   key = table_key(capability, widest, item_bytes == 4, causal)
   base = tuned_configs.TUNED.get(key)
-  tiling = Tiling.from_dict(base) if base else default_tiling(widest)
+  # Interpret mode (check_resources=False) keeps the big 16-bit tiles for
+  # every dtype: fewer grid steps interpret faster, and tiling has no
+  # semantics (small tiles are tested explicitly through BlockSizes).
+  tiling = (Tiling.from_dict(base) if base else default_tiling(
+      widest, float32=item_bytes == 4 and check_resources))
   resolved = {}
   for kernel, (bq, bkv, warps, stages) in _OVERRIDE_FIELDS.items():
     t = getattr(tiling, kernel)
