@@ -10,6 +10,9 @@
 #   FLASH_JAX_PYTEST_ARGS  extra pytest arguments (e.g. "-n 14 -x")
 #   FLASH_JAX_AUTOTUNE     if set, arguments for benchmarks/autotune.py
 #                          (e.g. "--head-dims 128"), run before benchmarks
+#   FLASH_JAX_TRAIN        if set, runs examples/train_lm.py --compare-xla,
+#                          then with --remat, adding these arguments (use
+#                          "--steps 200" or similar; "1" adds none)
 #   OUT                    where results go (default /tmp/flash_jax_gpu)
 #
 # Everything is written under $OUT/run/ and also packed into
@@ -49,6 +52,19 @@ if [[ -n "${FLASH_JAX_AUTOTUNE:-}" ]]; then
   cp flash_jax/backends/pallas_triton/tuned_configs.py "$run/" 2>/dev/null
 fi
 
+train_rc=0
+if [[ -n "${FLASH_JAX_TRAIN:-}" ]]; then
+  train_args="${FLASH_JAX_TRAIN}"
+  [[ "$train_args" == 1 ]] && train_args=""
+  # shellcheck disable=SC2086
+  "$python" examples/train_lm.py --compare-xla $train_args 2>&1 | tee "$run/train_lm.log"
+  train_rc=${PIPESTATUS[0]}
+  # shellcheck disable=SC2086
+  "$python" examples/train_lm.py --remat --compare-xla $train_args 2>&1 | tee "$run/train_lm_remat.log"
+  rc=${PIPESTATUS[0]}
+  [[ $rc -ne 0 ]] && train_rc=$rc
+fi
+
 bench_rc=0
 for set in "${sets[@]}"; do
   [[ "$set" == none ]] && continue
@@ -57,7 +73,7 @@ for set in "${sets[@]}"; do
   [[ $rc -ne 0 ]] && bench_rc=$rc
 done
 
-summary="tests rc=$tests_rc ($(tail -n 1 "$run/gpu_tests.log" 2>/dev/null)), autotune rc=$tune_rc, benchmarks rc=$bench_rc"
+summary="tests rc=$tests_rc ($(tail -n 1 "$run/gpu_tests.log" 2>/dev/null)), autotune rc=$tune_rc, train rc=$train_rc, benchmarks rc=$bench_rc"
 echo "== summary: $summary" | tee "$out/summary.txt"
 tar -czf "$out/results.tar.gz" -C "$out" run
-[[ $tests_rc -eq 0 && $tune_rc -eq 0 && $bench_rc -eq 0 ]]
+[[ $tests_rc -eq 0 && $tune_rc -eq 0 && $train_rc -eq 0 && $bench_rc -eq 0 ]]
