@@ -1,4 +1,9 @@
-"""The one `jax.custom_vjp` every backend runs under."""
+"""The one `jax.custom_vjp` every backend runs under.
+
+Both passes go through `flash_jax.sharding`, which runs an opaque kernel
+backend per batch/head shard under ``shard_map``, ``jit`` with sharded
+inputs, or ``pmap``, instead of letting XLA all-gather its operands.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import functools
 import jax
 from jax.ad_checkpoint import checkpoint_name
 
-from flash_jax import backends
+from flash_jax import sharding
 from flash_jax.config import AttentionConfig
 from flash_jax.masks import MaskArrays
 
@@ -24,8 +29,7 @@ def _backend_forward(config: AttentionConfig, query, key, value, bias, arrays):
   # Wrapped in jit so that an unused forward (the recompute inside a
   # jax.checkpoint whose policy saved the residuals) is dead code that
   # jaxpr-level DCE removes; a bare pallas_call is never DCE'd.
-  return backends.get(config.implementation).forward(
-      config, query, key, value, bias, arrays)
+  return sharding.forward(config, query, key, value, bias, arrays)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -51,7 +55,7 @@ def _forward(config, query, key, value, bias, arrays):
 def _backward(config, residuals, cotangents):
   query, key, value, bias, arrays, out, lse = residuals
   dout, dlse = cotangents
-  dq, dk, dv, dbias = backends.get(config.implementation).backward(
+  dq, dk, dv, dbias = sharding.backward(
       config, query, key, value, bias, arrays, out, lse, dout, dlse)
   # The mask arrays are integers and booleans: no cotangent.
   return dq, dk, dv, dbias, None

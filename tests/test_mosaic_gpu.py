@@ -133,3 +133,17 @@ def test_key_major_schedule_of_the_dkv_kernel(seed):
         q0 = (lo + t) * BLOCK_Q
         block = mine[q0:min(q0 + BLOCK_Q, q_len)]
         assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)
+
+
+def test_exp2_tanh_matches_tanh():
+  """The soft-cap's tanh (built from exp2 so that approx math keeps it
+  accurate) against jnp.tanh, including saturation."""
+  from flash_jax.backends.pallas_mosaic_gpu.forward import tanh
+  x = jnp.concatenate([jnp.linspace(-30.0, 30.0, 2001),
+                       jnp.array([-1e4, -1e-6, 0.0, 1e-6, 1e4])])
+  np.testing.assert_allclose(tanh(x), jnp.tanh(x), rtol=0, atol=3e-7)
+
+
+def test_lengths_are_clipped_to_the_true_length():
+  lengths = mosaic._lengths(jnp.array([5, 300, -2]), 3, 100)
+  np.testing.assert_array_equal(lengths, [5, 100, 0])

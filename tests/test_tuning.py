@@ -89,3 +89,13 @@ def test_register_estimate_rejects_huge_accumulators():
   reason = tuning.check_fits("forward", KernelTiling(256, 16, 1, 1), 256,
                              256, 2, H100)
   assert reason and "accumulators" in reason
+
+
+def test_warps_alone_shrink_default_tiles_instead_of_raising():
+  """Only block sizes the caller chose are held to the estimate; asking for
+  4 warps everywhere shrinks the default tiles that would no longer fit."""
+  tiling = resolve(flash_jax.BlockSizes(num_warps=4))
+  for kernel in ("forward", "dkv", "dq"):
+    t = getattr(tiling, kernel)
+    assert t.num_warps == 4
+    assert tuning.check_fits(kernel, t, 128, 128, 2, H100) is None

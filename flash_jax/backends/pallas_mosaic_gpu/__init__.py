@@ -77,9 +77,11 @@ def _params(config: AttentionConfig, query, key):
 
 
 def _lengths(lengths, batch: int, full: int):
+  """int32 ``[B]`` lengths clipped to the true (unpadded) length ``full``,
+  so the kernels, which see padded sequences, never attend padding."""
   if lengths is None:
     return jnp.full((batch,), full, jnp.int32)
-  return lengths.astype(jnp.int32)
+  return jnp.clip(lengths.astype(jnp.int32), 0, full)
 
 
 def _pad(x, seq: int, head_dim: int):

@@ -36,6 +36,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_jax.backends.pallas_mosaic_gpu.forward import (
     BLOCK_Q, CONSUMERS, LOG2_E, PRODUCER, ForwardParams)
+from flash_jax.backends.pallas_mosaic_gpu.forward import tanh as _tanh
+from flash_jax.sharding import varying_like
 
 BLOCK = BLOCK_Q       # rows per consumer warpgroup, and streamed block rows
 
@@ -50,7 +52,7 @@ def _logits(s, p: ForwardParams):
   cap = p.logits_soft_cap
   if cap is None:
     return s * (p.scale * LOG2_E), None
-  tanh = jnp.tanh(s * (p.scale / cap))
+  tanh = _tanh(s * (p.scale / cap))
   return tanh * (cap * LOG2_E), tanh
 
 
@@ -317,10 +319,12 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   stages = p.stages
   vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
 
+  operands = (q_lengths, kv_lengths, query, key, value, dout, lse, delta)
   dk, dv = kernel(
       functools.partial(_dkv_kernel, p=p),
-      out_type=[jax.ShapeDtypeStruct(key.shape, key.dtype),
-                jax.ShapeDtypeStruct(value.shape, value.dtype)],
+      out_type=varying_like([jax.ShapeDtypeStruct(key.shape, key.dtype),
+                             jax.ShapeDtypeStruct(value.shape, value.dtype)],
+                            *operands),
       scratch_types=[
           _smem(p, CONSUMERS, BLOCK, p.head_dim),          # K
           _smem(p, CONSUMERS, BLOCK, p.head_dim),          # V
@@ -337,11 +341,12 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
       ],
       grid=(pl.cdiv(p.kv_seq, rows), p.num_kv_heads, p.batch),
       grid_names=("kv", "heads", "batch"),
-  )(q_lengths, kv_lengths, query, key, value, dout, lse, delta)
+  )(*operands)
 
   dq = kernel(
       functools.partial(_dq_kernel, p=p),
-      out_type=jax.ShapeDtypeStruct(query.shape, query.dtype),
+      out_type=varying_like(jax.ShapeDtypeStruct(query.shape, query.dtype),
+                            *operands),
       scratch_types=[
           _smem(p, CONSUMERS, BLOCK, p.head_dim),          # Q
           _smem(p, CONSUMERS, BLOCK, p.head_dim),          # dO
@@ -357,5 +362,5 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
       ],
       grid=(pl.cdiv(p.q_seq, rows), p.num_heads, p.batch),
       grid_names=("q", "heads", "batch"),
-  )(q_lengths, kv_lengths, query, key, value, dout, lse, delta)
+  )(*operands)
   return dq, dk, dv

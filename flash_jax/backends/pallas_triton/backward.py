@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from flash_jax import block_map
 from flash_jax.backends.pallas_triton import common
 from flash_jax.backends.pallas_triton.common import KernelParams
+from flash_jax.sharding import varying_like
 
 
 def _lse_log2(lse_ref, rows_valid):
@@ -203,7 +204,8 @@ def _dbias_kernel(*refs, p: KernelParams, names: tuple[str, ...],
   block_q, block_kv = p.block_q, p.block_kv
   q_block, kv_block, member = (pl.program_id(0), pl.program_id(1),
                                pl.program_id(2))
-  # lax.div/rem: jnp's floor-division wrappers do not lower to Triton.
+  # lax.div/rem (the operands are non-negative): jnp's floor-mod inside this
+  # kernel's loops failed Triton lowering with an i32/i1 type mismatch.
   bias_b = jax.lax.div(member, bias_heads)
   bias_n = jax.lax.rem(member, bias_heads)
   # The (batch, head) pairs this tile sums over.
@@ -318,8 +320,9 @@ def _dbias(p: KernelParams, query, key, value, bias, arrays, dout, lse, delta,
       out_specs=pl.BlockSpec(
           (sq, sq, p.block_q, p.block_kv),
           lambda i, j, m: (m // bias_heads, m % bias_heads, i, j)),
-      out_shape=jax.ShapeDtypeStruct(
+      out_shape=varying_like(jax.ShapeDtypeStruct(
           (bias_batch, bias_heads, p.q_seq, p.kv_seq), jnp.float32),
+          *inputs.arrays),
       compiler_params=p.compiler_params(),
       interpret=p.interpret,
       name="flash_jax_backward_dbias",
@@ -393,8 +396,9 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
       grid=(pl.cdiv(kv_seq, p_dkv.block_kv), batch, num_kv_heads),
       in_specs=inputs.specs,
       out_specs=[kv_spec(h_pad), kv_spec(hv_pad)],
-      out_shape=[jax.ShapeDtypeStruct(key.shape, key.dtype),
-                 jax.ShapeDtypeStruct(value.shape, value.dtype)],
+      out_shape=varying_like([jax.ShapeDtypeStruct(key.shape, key.dtype),
+                              jax.ShapeDtypeStruct(value.shape, value.dtype)],
+                             *inputs.arrays),
       compiler_params=p_dkv.compiler_params(),
       interpret=p_dkv.interpret,
       name="flash_jax_backward_dkv",
@@ -436,7 +440,8 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
       grid=(pl.cdiv(q_seq, p_dq.block_q), batch, num_heads),
       in_specs=inputs.specs,
       out_specs=q_spec(h_pad),
-      out_shape=jax.ShapeDtypeStruct(query.shape, query.dtype),
+      out_shape=varying_like(jax.ShapeDtypeStruct(query.shape, query.dtype),
+                             *inputs.arrays),
       compiler_params=p_dq.compiler_params(),
       interpret=p_dq.interpret,
       name="flash_jax_backward_dq",

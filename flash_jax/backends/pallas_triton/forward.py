@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 
 from flash_jax.backends.pallas_triton import common
 from flash_jax.backends.pallas_triton.common import KernelParams
+from flash_jax.sharding import varying_like
 
 
 def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
@@ -171,11 +172,11 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
                        lambda i, b, n: (b, i, n, 0)),
           pl.BlockSpec((sq, sq, p.block_q), lambda i, b, n: (b, n, i)),
       ],
-      out_shape=[
+      out_shape=varying_like([
           jax.ShapeDtypeStruct((batch, q_seq, num_heads, p.value_head_dim),
                                query.dtype),
           jax.ShapeDtypeStruct((batch, num_heads, q_seq), jnp.float32),
-      ],
+      ], *inputs.arrays),
       compiler_params=p.compiler_params(),
       interpret=p.interpret,
       name="flash_jax_forward",

@@ -10,7 +10,7 @@ Resolution order for one call:
 4. the shared-memory and register estimates below, checked ahead of time so
    that no configuration fails when Triton compiles it: a tuned or default
    configuration that does not fit this GPU is shrunk (fewer stages, then
-   smaller key blocks); a configuration the caller asked for raises
+   smaller key blocks); tiles the caller asked for (block sizes) raise
    ValueError instead.
 
 The estimates are deliberately simple (pipelined tiles plus one score tile
@@ -202,12 +202,14 @@ def resolve_tiling(overrides: BlockSizes | None, *, head_dim: int,
     t = dataclasses.replace(t, block_q=_clamp_block(t.block_q, q_seq),
                             block_kv=_clamp_block(t.block_kv, kv_seq))
     if check_resources:
-      if requested:
+      if "block_q" in requested or "block_kv" in requested:
         reason = check_fits(kernel, t, head_dim, value_dim, item_bytes,
                             capability)
         if reason:
           raise ValueError(f"block_sizes: {reason}")
       else:
+        # Tiles the caller did not choose are shrunk to fit (keeping any
+        # warps or stages asked for, unless stages must go).
         t = _shrink(kernel, t, head_dim, value_dim, item_bytes, capability)
     resolved[kernel] = t
   return Tiling(**resolved)
