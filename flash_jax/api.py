@@ -360,12 +360,11 @@ def dot_product_attention(
     local_window_size: ``w`` or ``(left, right)``: query ``i`` attends keys
       ``i - left .. i + right`` (relative to the aligned diagonal), as in
       ``jax.nn``.
-    implementation: None (auto: the Pallas kernel on an NVIDIA sm80+ GPU,
-      the XLA reference elsewhere or for what the kernel does not support
-      yet, with a warning on a GPU), ``"pallas_triton"``,
-      ``"pallas_mosaic_gpu"`` (Hopper only; its forward has not run on a
-      GPU yet, see README), ``"xla"``, ``"cudnn"`` (`jax.nn`'s cuDNN
-      path), or a sequence tried in order:
+    implementation: None (auto: the Triton Pallas kernels on an NVIDIA
+      sm80+ GPU, the XLA reference elsewhere, with a warning if a GPU call
+      falls back), ``"pallas_triton"``, ``"pallas_mosaic_gpu"`` (Hopper
+      only; its kernels have not run on a GPU yet, see README), ``"xla"``,
+      ``"cudnn"`` (`jax.nn`'s cuDNN path), or a sequence tried in order:
       one that cannot take the call raises NotImplementedError internally
       and the next is tried; if none can, one NotImplementedError lists every
       reason.
