@@ -76,7 +76,9 @@ def _split(lo, hi, full_lo, full_hi, block: int) -> BlockRange:
   lo = _max(lo, 0)
   hi = _max(hi, lo)
   block_lo = lo // block
-  block_hi = _max(block_lo, cdiv(hi, block))
+  # An empty element range visits no block (cdiv alone would give one when
+  # lo is not block-aligned).
+  block_hi = _where(hi > lo, _max(block_lo, cdiv(hi, block)), block_lo)
   # Blocks entirely inside [full_lo, full_hi) (and inside [lo, hi)).
   full_lo = _max(full_lo, lo)
   full_hi = _min(full_hi, hi)

@@ -190,3 +190,12 @@ def test_mask_fn_dependence_is_detected():
   assert block_map.mask_fn_uses(lambda b, h, i, j: (h > 0) | (j <= i)) == (
       False, True)
   assert block_map.mask_fn_uses(lambda b, h, i, j: b == i) == (True, False)
+
+
+def test_empty_ranges_visit_no_block():
+  """Rows past q_len attend nothing, even where their window would start
+  mid-block (it used to schedule one fully masked block)."""
+  r = MaskSpec(window_left=10).kv_block_range(100, 164, 50, 300, 64)
+  assert r.lo == r.full_lo == r.full_hi == r.hi
+  r = MaskSpec(is_causal=True).q_block_range(100, 164, 300, 90, 64)
+  assert r.lo == r.hi
