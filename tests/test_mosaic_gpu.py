@@ -12,6 +12,7 @@ import pytest
 
 import flash_jax
 from flash_jax.backends import pallas_mosaic_gpu as mosaic
+from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.forward import BLOCK_Q, CONSUMERS
 from flash_jax.masks import MaskSpec
 from helpers import Case, draw_inputs
@@ -55,17 +56,17 @@ def test_head_dims_pad_to_wgmma_widths():
 
 def _cta_schedule(spec, cta, q_len, kv_len, block_kv):
   """What the kernel computes for one CTA: the shared key-block range and,
-  per consumer, its (first_full, end_full) steps (mirrors forward.py)."""
+  per consumer, its (first_full, end_full) steps, through the kernels' own
+  `common.shared_range` / `common.own_phase_steps`."""
   rows = CONSUMERS * BLOCK_Q
-  union = spec.kv_block_range(cta * rows, (cta + 1) * rows, q_len, kv_len,
-                              block_kv)
-  lo, steps = int(union.lo), int(union.hi) - int(union.lo)
+  lo, steps = (int(x) for x in common.shared_range(spec.kv_block_range(
+      cta * rows, (cta + 1) * rows, q_len, kv_len, block_kv)))
   phases = []
   for wg in range(CONSUMERS):
     start = cta * rows + wg * BLOCK_Q
     own = spec.kv_block_range(start, start + BLOCK_Q, q_len, kv_len, block_kv)
-    first_full = int(np.clip(int(own.full_lo) - lo, 0, steps))
-    end_full = int(np.clip(int(own.full_hi) - lo, first_full, steps))
+    first_full, end_full = (int(x) for x in
+                            common.own_phase_steps(own, lo, steps))
     phases.append((start, first_full, end_full))
   return lo, steps, phases
 
@@ -117,16 +118,15 @@ def test_key_major_schedule_of_the_dkv_kernel(seed):
   allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
   rows = CONSUMERS * BLOCK_Q
   for cta in range(-(-kv_seq // rows)):
-    union = spec.q_block_range(cta * rows, (cta + 1) * rows, q_len, kv_len,
-                               BLOCK_Q)
-    lo, steps = int(union.lo), int(union.hi) - int(union.lo)
+    lo, steps = (int(x) for x in common.shared_range(spec.q_block_range(
+        cta * rows, (cta + 1) * rows, q_len, kv_len, BLOCK_Q)))
     visited = np.zeros(q_seq, bool)
     visited[lo * BLOCK_Q:(lo + steps) * BLOCK_Q] = True
     for wg in range(CONSUMERS):
       start = cta * rows + wg * BLOCK_Q
       own = spec.q_block_range(start, start + BLOCK_Q, q_len, kv_len, BLOCK_Q)
-      first_full = int(np.clip(int(own.full_lo) - lo, 0, steps))
-      end_full = int(np.clip(int(own.full_hi) - lo, first_full, steps))
+      first_full, end_full = (int(x) for x in
+                              common.own_phase_steps(own, lo, steps))
       mine = allowed[:, start:start + BLOCK_Q]
       assert not (mine & ~visited[:, None]).any(), (cta, wg)
       for t in range(first_full, end_full):

@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.forward import (
     BLOCK_Q, CONSUMERS, LOG2_E, PRODUCER, ForwardParams)
 from flash_jax.backends.pallas_mosaic_gpu.forward import tanh as _tanh
@@ -60,15 +61,6 @@ def _lse_log2(lse):
   return jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2_E
 
 
-def _phases(total, first_full, end_full, step, carry):
-  """Masked steps, unmasked steps, masked steps."""
-  masked = functools.partial(step, masked=True)
-  carry = lax.fori_loop(0, first_full, masked, carry)
-  carry = lax.fori_loop(first_full, end_full,
-                        functools.partial(step, masked=False), carry)
-  return lax.fori_loop(end_full, total, masked, carry)
-
-
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring,
                 lse_ring, delta_ring, kv_ready, q_ready, do_ready, lse_ready,
@@ -77,13 +69,10 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   kv_head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   stages = p.stages
-  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
-  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
   cta_start = lax.axis_index("kv") * (CONSUMERS * BLOCK)
-  union = p.mask.q_block_range(cta_start, cta_start + CONSUMERS * BLOCK,
-                               q_len, kv_len, BLOCK)
-  lo = jnp.asarray(union.lo, jnp.int32)
-  q_steps = jnp.asarray(union.hi, jnp.int32) - lo
+  lo, q_steps = common.shared_range(p.mask.q_block_range(
+      cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, BLOCK))
   # Every query head of the GQA group, each over the same query blocks.
   steps = q_steps * p.groups
 
@@ -128,10 +117,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     own = p.mask.q_block_range(kv_start, kv_start + BLOCK, q_len, kv_len,
                                BLOCK)
-    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0,
-                          q_steps)
-    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
-                        q_steps)
+    first_full, end_full = common.own_phase_steps(own, lo, q_steps)
     tile = (BLOCK, BLOCK)          # [keys, queries]
     column = plgpu.Layout.WGMMA.reduce(0)
 
@@ -151,11 +137,9 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
       probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
       if masked:
-        kv_idx = kv_start + plgpu.broadcasted_iota(
-            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
-        q_idx = q_block * BLOCK + plgpu.broadcasted_iota(
-            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-        probs = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), probs, 0.0)
+        allowed = common.tile_allowed(p, tile, q_block * BLOCK, kv_start,
+                                      kv_len, keys_are_rows=True)
+        probs = jnp.where(allowed, probs, 0.0)
       plgpu.barrier_wait(do_ready.at[slot])
       plgpu.barrier_wait(delta_ready.at[slot])
 
@@ -184,7 +168,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def over_group(group, carry):
       base = group * q_steps
       shifted = lambda t, c, *, masked: step(base + t, c, masked=masked)
-      return _phases(q_steps, first_full, end_full, shifted, carry)
+      return common.run_phases(q_steps, first_full, end_full, shifted, carry)
 
     dk, dv = lax.fori_loop(0, p.groups, over_group, (zeros, zeros))
     k_tile[...] = (dk * p.scale).astype(p.dtype)
@@ -203,35 +187,16 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   block_kv, stages = BLOCK, p.stages
-  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
-  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
   cta_start = lax.axis_index("q") * (CONSUMERS * BLOCK)
-  union = p.mask.kv_block_range(cta_start, cta_start + CONSUMERS * BLOCK,
-                                q_len, kv_len, block_kv)
-  lo = jnp.asarray(union.lo, jnp.int32)
-  steps = jnp.asarray(union.hi, jnp.int32) - lo
+  lo, steps = common.shared_range(p.mask.kv_block_range(
+      cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, block_kv))
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, jnp.int32(p.groups))
-
-    @pl.loop(0, steps)
-    def _(t):
-      slot = lax.rem(t, jnp.int32(stages))
-      rows = pl.ds((lo + t) * block_kv, block_kv)
-
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_ring.at[slot],
-                              k_ready.at[slot])
-
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_ring.at[slot],
-                              v_ready.at[slot])
+    common.stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready,
+                     k_free, v_free, batch=batch, head=head, lo=lo,
+                     steps=steps, block_kv=block_kv)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -255,9 +220,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     own = p.mask.kv_block_range(q_start, q_start + BLOCK, q_len, kv_len,
                                 block_kv)
-    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0, steps)
-    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
-                        steps)
+    first_full, end_full = common.own_phase_steps(own, lo, steps)
     tile = (BLOCK, block_kv)
 
     def step(t, dq, *, masked: bool):
@@ -271,11 +234,9 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       logits, tanh = _logits(s, p)
       probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
       if masked:
-        q_idx = q_start + plgpu.broadcasted_iota(
-            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
-        kv_idx = (lo + t) * block_kv + plgpu.broadcasted_iota(
-            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-        probs = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), probs, 0.0)
+        allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
+                                      kv_len)
+        probs = jnp.where(allowed, probs, 0.0)
       plgpu.barrier_wait(v_ready.at[slot])
 
       def dprobs(acc_ref):
@@ -295,7 +256,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     zeros = plgpu.layout_cast(jnp.zeros((BLOCK, p.head_dim), jnp.float32),
                               plgpu.Layout.WGMMA)
-    dq = _phases(steps, first_full, end_full, step, zeros)
+    dq = common.run_phases(steps, first_full, end_full, step, zeros)
     q_tile[...] = (dq * p.scale).astype(p.dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[batch, rows, head])

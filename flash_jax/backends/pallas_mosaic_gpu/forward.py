@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.masks import MaskSpec
 from flash_jax.sharding import varying_like
 
@@ -95,35 +96,16 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   block_kv, stages = p.block_kv, p.stages
-  q_len = jnp.clip(q_len_ref[batch], 0, p.q_seq)
-  kv_len = jnp.clip(kv_len_ref[batch], 0, p.kv_seq)
+  q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
   cta_start = lax.axis_index("q") * p.rows_per_cta
-  union = p.mask.kv_block_range(cta_start, cta_start + p.rows_per_cta, q_len,
-                                kv_len, block_kv)
-  lo = jnp.asarray(union.lo, jnp.int32)
-  steps = jnp.asarray(union.hi, jnp.int32) - lo
+  lo, steps = common.shared_range(p.mask.kv_block_range(
+      cta_start, cta_start + p.rows_per_cta, q_len, kv_len, block_kv))
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-    kv_head = lax.div(head, jnp.int32(p.groups))
-
-    @pl.loop(0, steps)
-    def _(t):
-      slot = lax.rem(t, jnp.int32(stages))
-      rows = pl.ds((lo + t) * block_kv, block_kv)
-      # A slot is reused only after both consumers released it.
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[batch, rows, kv_head], k_smem.at[slot],
-                              k_ready.at[slot])
-
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[batch, rows, kv_head], v_smem.at[slot],
-                              v_ready.at[slot])
+    common.stream_kv(p, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready,
+                     k_free, v_free, batch=batch, head=head, lo=lo,
+                     steps=steps, block_kv=block_kv)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -136,10 +118,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
 
     own = p.mask.kv_block_range(q_start, q_start + BLOCK_Q, q_len, kv_len,
                                 block_kv)
-    # This warpgroup's unmasked blocks, as steps into the shared range.
-    first_full = jnp.clip(jnp.asarray(own.full_lo, jnp.int32) - lo, 0, steps)
-    end_full = jnp.clip(jnp.asarray(own.full_hi, jnp.int32) - lo, first_full,
-                        steps)
+    first_full, end_full = common.own_phase_steps(own, lo, steps)
     tile = (BLOCK_Q, block_kv)
 
     def step(t, carry, *, masked: bool):
@@ -154,12 +133,9 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       plgpu.barrier_arrive(k_free.at[slot])
       logits = _scaled_logits(s, p)
       if masked:
-        q_idx = q_start + plgpu.broadcasted_iota(
-            jnp.int32, tile, 0, layout=plgpu.Layout.WGMMA)
-        kv_idx = (lo + t) * block_kv + plgpu.broadcasted_iota(
-            jnp.int32, tile, 1, layout=plgpu.Layout.WGMMA)
-        logits = jnp.where(p.mask.allows(q_idx, kv_idx, kv_len), logits,
-                           -jnp.inf)
+        allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
+                                      kv_len)
+        logits = jnp.where(allowed, logits, -jnp.inf)
       m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
       # Rows with nothing attended yet keep m = -inf; shift them by 0 so
       # exp2 gives 0, not NaN.
@@ -186,11 +162,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
         plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
                           plgpu.Layout.WGMMA.reduce(1)),
     )
-    masked_step = functools.partial(step, masked=True)
-    carry = lax.fori_loop(0, first_full, masked_step, carry)
-    carry = lax.fori_loop(first_full, end_full,
-                          functools.partial(step, masked=False), carry)
-    acc, m, l = lax.fori_loop(end_full, steps, masked_step, carry)
+    acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
 
     # Rows that attend nothing (padding, or every key masked): 0 and -inf.
     rows = q_start + plgpu.broadcasted_iota(

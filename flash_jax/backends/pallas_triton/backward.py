@@ -155,7 +155,6 @@ def _dq_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   q_segment = None
   if inputs.q_segment_ids is not None:
     q_segment = common.load_vector(inputs.q_segment_ids, q_in_array)
-  tile = (block_q, block_kv)
 
   def step(kv_block, dq, *, masked: bool):
     kv_start = kv_block * block_kv
@@ -164,21 +163,9 @@ def _dq_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     kv_in_array = kv_idx < p.kv_seq if masked else None
     k = common.load_tile(inputs.k.at[kv_rows, :], kv_in_array, h_valid)
     v = common.load_tile(inputs.v.at[kv_rows, :], kv_in_array, hv_valid)
-    bias = allowed = None
-    if inputs.bias is not None:
-      bias = common.load_pair_tile(inputs.bias, (), pl.ds(0, block_q), kv_rows,
-                                   q_in_array, kv_in_array, tile)
-    if masked:
-      dense = kv_segment = None
-      if inputs.mask is not None:
-        dense = common.load_pair_tile(inputs.mask, (), pl.ds(0, block_q),
-                                      kv_rows, q_in_array, kv_in_array, tile)
-      if q_segment is not None:
-        kv_segment = common.load_vector(inputs.kv_segment_ids.at[kv_rows],
-                                        kv_in_array)
-      allowed = common.element_mask(p, ctx, head, q_idx, kv_idx,
-                                    q_segment=q_segment,
-                                    kv_segment=kv_segment, dense=dense)
+    bias, allowed = common.q_major_bias_and_mask(
+        p, ctx, inputs, head, q_idx, kv_idx, kv_rows, q_in_array,
+        kv_in_array, q_segment, masked=masked)
     _, dlogits = common.backward_tile(
         p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_idx, bias=bias,
         allowed=allowed)
@@ -345,19 +332,13 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
   h_pad, hv_pad = p_dq.head_dim_padded, p_dq.value_head_dim_padded
   q_len = common.lengths_or_full(arrays.q_lengths, batch, q_seq)
   kv_len = common.lengths_or_full(arrays.kv_lengths, batch, kv_seq)
-  mask = common.mask_as_int8(arrays.mask)
-  q_segments = kv_segments = None
-  if arrays.q_segment_ids is not None:
-    q_segments = arrays.q_segment_ids.astype(jnp.int32)
-    kv_segments = arrays.kv_segment_ids.astype(jnp.int32)
-  seed = arrays.dropout_seed if p_dq.dropout_rate > 0 else None
 
   # D = rowsum(dO * O) (FlashAttention-2 eq. for dS), float32, [B, N, T].
   # An lse cotangent adds P * dlse to dS, i.e. it shifts D by -dlse.
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
                      dout.astype(jnp.float32)) - dlse.astype(jnp.float32)
   sq = common.SQUEEZED
-  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  whole = common.whole_spec
 
   q_rows = common.round_up(q_seq, p_dkv.block_q)
   kv_spec = lambda width: pl.BlockSpec(
@@ -375,22 +356,7 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
   inputs.add("do", dout, group_spec(hv_pad))
   inputs.add("lse", lse, group_rows_spec)
   inputs.add("delta", delta, group_rows_spec)
-  if bias is not None:
-    inputs.add("bias", bias, common.kv_major_pair_spec(
-        bias, p_dkv.block_kv, q_rows, groups))
-  if mask is not None:
-    inputs.add("mask", mask, common.kv_major_pair_spec(
-        mask, p_dkv.block_kv, q_rows, groups))
-  if q_segments is not None:
-    inputs.add("q_segment_ids", q_segments,
-               pl.BlockSpec((sq, q_rows), lambda j, b, h: (b, 0)))
-    inputs.add("kv_segment_ids", kv_segments,
-               pl.BlockSpec((sq, p_dkv.block_kv), lambda j, b, h: (b, j)))
-  inputs.add("seed", seed, whole((2,)))
-  if q_lists is not None:
-    blocks_spec, counts_spec = common.kv_major_list_specs(q_lists, groups)
-    inputs.add("q_blocks", q_lists.blocks, blocks_spec)
-    inputs.add("q_counts", q_lists.counts, counts_spec)
+  common.add_kv_major_features(inputs, p_dkv, bias, arrays, q_rows, q_lists)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, p=p_dkv, names=tuple(inputs.names)),
       grid=(pl.cdiv(kv_seq, p_dkv.block_kv), batch, num_kv_heads),
@@ -419,22 +385,7 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
   inputs.add("do", dout, q_spec(hv_pad))
   inputs.add("lse", lse, rows_spec)
   inputs.add("delta", delta, rows_spec)
-  if bias is not None:
-    inputs.add("bias", bias, common.q_major_pair_spec(bias, p_dq.block_q,
-                                                      kv_rows))
-  if mask is not None:
-    inputs.add("mask", mask, common.q_major_pair_spec(mask, p_dq.block_q,
-                                                      kv_rows))
-  if q_segments is not None:
-    inputs.add("q_segment_ids", q_segments,
-               pl.BlockSpec((sq, p_dq.block_q), lambda i, b, n: (b, i)))
-    inputs.add("kv_segment_ids", kv_segments,
-               pl.BlockSpec((sq, kv_rows), lambda i, b, n: (b, 0)))
-  inputs.add("seed", seed, whole((2,)))
-  if kv_lists is not None:
-    blocks_spec, counts_spec = common.q_major_list_specs(kv_lists)
-    inputs.add("kv_blocks", kv_lists.blocks, blocks_spec)
-    inputs.add("kv_counts", kv_lists.counts, counts_spec)
+  common.add_q_major_features(inputs, p_dq, bias, arrays, kv_rows, kv_lists)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, p=p_dq, names=tuple(inputs.names)),
       grid=(pl.cdiv(q_seq, p_dq.block_q), batch, num_heads),

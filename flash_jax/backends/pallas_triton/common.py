@@ -295,6 +295,30 @@ def load_seed(seed_ref):
   return seed_ref[0], seed_ref[1]
 
 
+def q_major_bias_and_mask(p: KernelParams, ctx: TileContext, inputs: Refs,
+                          head, q_idx, kv_idx, kv_rows, q_in_array,
+                          kv_in_array, q_segment, *, masked: bool):
+  """The bias tile and, for a partial block, the element mask of one tile
+  of a query-major kernel (forward, dQ): its bias/mask refs hold one query
+  block by all key rows; ``q_segment`` is the block's segment ids."""
+  tile = (p.block_q, p.block_kv)
+  own_rows = pl.ds(0, p.block_q)
+  bias = allowed = None
+  if inputs.bias is not None:
+    bias = load_pair_tile(inputs.bias, (), own_rows, kv_rows, q_in_array,
+                          kv_in_array, tile)
+  if masked:
+    dense = kv_segment = None
+    if inputs.mask is not None:
+      dense = load_pair_tile(inputs.mask, (), own_rows, kv_rows, q_in_array,
+                             kv_in_array, tile)
+    if q_segment is not None:
+      kv_segment = load_vector(inputs.kv_segment_ids.at[kv_rows], kv_in_array)
+    allowed = element_mask(p, ctx, head, q_idx, kv_idx, q_segment=q_segment,
+                           kv_segment=kv_segment, dense=dense)
+  return bias, allowed
+
+
 def backward_tile(p: KernelParams, ctx: TileContext, head, q, k, v, do,
                   lse_log2, delta, q_idx, kv_idx, *, bias=None, allowed=None):
   """Recomputes one tile of the backward (FlashAttention-2, Algorithm 2).
@@ -410,3 +434,54 @@ def kv_major_list_specs(lists, groups: int):
 def mask_as_int8(mask):
   """Dense masks travel as int8 (Triton loads bytes, not i1)."""
   return None if mask is None else mask.astype(jnp.int8)
+
+
+def whole_spec(shape):
+  """A BlockSpec covering the whole (small) array."""
+  return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def add_q_major_features(inputs: Inputs, p: KernelParams, bias, arrays,
+                         kv_rows: int, kv_lists) -> None:
+  """Adds the bias, mask, segment-id, dropout-seed and block-list operands
+  of a ``(query block, batch, head)`` kernel (forward, dQ)."""
+  q_major = lambda x: q_major_pair_spec(x, p.block_q, kv_rows)
+  if bias is not None:
+    inputs.add("bias", bias, q_major(bias))
+  mask = mask_as_int8(arrays.mask)
+  if mask is not None:
+    inputs.add("mask", mask, q_major(mask))
+  if arrays.q_segment_ids is not None:
+    inputs.add("q_segment_ids", arrays.q_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((SQUEEZED, p.block_q), lambda i, b, n: (b, i)))
+    inputs.add("kv_segment_ids", arrays.kv_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((SQUEEZED, kv_rows), lambda i, b, n: (b, 0)))
+  if p.dropout_rate > 0:
+    inputs.add("seed", arrays.dropout_seed, whole_spec((2,)))
+  if kv_lists is not None:
+    blocks_spec, counts_spec = q_major_list_specs(kv_lists)
+    inputs.add("kv_blocks", kv_lists.blocks, blocks_spec)
+    inputs.add("kv_counts", kv_lists.counts, counts_spec)
+
+
+def add_kv_major_features(inputs: Inputs, p: KernelParams, bias, arrays,
+                          q_rows: int, q_lists) -> None:
+  """The same operands for a ``(key block, batch, kv head)`` kernel that
+  walks its GQA group's query heads (dK/dV)."""
+  kv_major = lambda x: kv_major_pair_spec(x, p.block_kv, q_rows, p.groups)
+  if bias is not None:
+    inputs.add("bias", bias, kv_major(bias))
+  mask = mask_as_int8(arrays.mask)
+  if mask is not None:
+    inputs.add("mask", mask, kv_major(mask))
+  if arrays.q_segment_ids is not None:
+    inputs.add("q_segment_ids", arrays.q_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((SQUEEZED, q_rows), lambda j, b, h: (b, 0)))
+    inputs.add("kv_segment_ids", arrays.kv_segment_ids.astype(jnp.int32),
+               pl.BlockSpec((SQUEEZED, p.block_kv), lambda j, b, h: (b, j)))
+  if p.dropout_rate > 0:
+    inputs.add("seed", arrays.dropout_seed, whole_spec((2,)))
+  if q_lists is not None:
+    blocks_spec, counts_spec = kv_major_list_specs(q_lists, p.groups)
+    inputs.add("q_blocks", q_lists.blocks, blocks_spec)
+    inputs.add("q_counts", q_lists.counts, counts_spec)

@@ -49,7 +49,6 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   q_segment = None
   if inputs.q_segment_ids is not None:
     q_segment = common.load_vector(inputs.q_segment_ids, q_in_array)
-  tile = (block_q, block_kv)
   # An additive bias may hold -inf, so any block can leave a row empty.
   guard_empty_rows = inputs.bias is not None
 
@@ -62,22 +61,11 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     # can hang past the array.
     kv_in_array = kv_idx < p.kv_seq if masked else None
     k = common.load_tile(inputs.k.at[kv_rows, :], kv_in_array, h_valid)
-    bias = None
-    if inputs.bias is not None:
-      bias = common.load_pair_tile(inputs.bias, (), pl.ds(0, block_q), kv_rows,
-                                   q_in_array, kv_in_array, tile)
+    bias, allowed = common.q_major_bias_and_mask(
+        p, ctx, inputs, head, q_idx, kv_idx, kv_rows, q_in_array,
+        kv_in_array, q_segment, masked=masked)
     logits, _ = common.scores(q, k, p, bias)
     if masked:
-      dense = kv_segment = None
-      if inputs.mask is not None:
-        dense = common.load_pair_tile(inputs.mask, (), pl.ds(0, block_q),
-                                      kv_rows, q_in_array, kv_in_array, tile)
-      if q_segment is not None:
-        kv_segment = common.load_vector(inputs.kv_segment_ids.at[kv_rows],
-                                        kv_in_array)
-      allowed = common.element_mask(p, ctx, head, q_idx, kv_idx,
-                                    q_segment=q_segment,
-                                    kv_segment=kv_segment, dense=dense)
       logits = jnp.where(allowed, logits, -jnp.inf)
     m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     m_shift = m_next
@@ -131,7 +119,7 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
   kv_rows = common.round_up(p.kv_seq, p.block_kv)
   num_q_blocks = pl.cdiv(q_seq, p.block_q)
   sq = common.SQUEEZED
-  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+  whole = common.whole_spec
   kv_spec = lambda width: pl.BlockSpec(
       (sq, kv_rows, sq, width), lambda i, b, n: (b, 0, n // groups, 0))
 
@@ -144,24 +132,7 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
                                       lambda i, b, n: (b, i, n, 0)))
   inputs.add("k", key, kv_spec(h_pad))
   inputs.add("v", value, kv_spec(hv_pad))
-  if bias is not None:
-    inputs.add("bias", bias,
-               common.q_major_pair_spec(bias, p.block_q, kv_rows))
-  mask = common.mask_as_int8(arrays.mask)
-  if mask is not None:
-    inputs.add("mask", mask, common.q_major_pair_spec(mask, p.block_q,
-                                                      kv_rows))
-  if arrays.q_segment_ids is not None:
-    inputs.add("q_segment_ids", arrays.q_segment_ids.astype(jnp.int32),
-               pl.BlockSpec((sq, p.block_q), lambda i, b, n: (b, i)))
-    inputs.add("kv_segment_ids", arrays.kv_segment_ids.astype(jnp.int32),
-               pl.BlockSpec((sq, kv_rows), lambda i, b, n: (b, 0)))
-  if p.dropout_rate > 0:
-    inputs.add("seed", arrays.dropout_seed, whole((2,)))
-  if kv_lists is not None:
-    blocks_spec, counts_spec = common.q_major_list_specs(kv_lists)
-    inputs.add("kv_blocks", kv_lists.blocks, blocks_spec)
-    inputs.add("kv_counts", kv_lists.counts, counts_spec)
+  common.add_q_major_features(inputs, p, bias, arrays, kv_rows, kv_lists)
 
   return pl.pallas_call(
       functools.partial(_forward_kernel, p=p, names=tuple(inputs.names)),
