@@ -84,21 +84,29 @@ ROW_SETS = {
 }
 
 
-def run_set(name: str, implementations=None, out: str | None = None) -> str:
+def run_set(name: str, implementations=None, out: str | None = None,
+            rows: slice = slice(None)) -> str:
+  """Measures the set's rows (or the ``rows`` slice of them), rewriting the
+  results after each row so that an interrupted run keeps what it measured.
+  A slice writes ``<name>_rows<start>-<stop>``."""
   bench = ROW_SETS[name]
   names = implementations or bench.implementations
   capability = flash_jax.platform.compute_capability()
   if implementations is None and capability and capability[0] == 9:
     names = ("flash_jax_mosaic",) + tuple(names)  # the Hopper backend too
-  results = []
-  for row in bench.rows:
+  selected = bench.rows[rows]
+  if rows != slice(None):
+    start, stop, _ = rows.indices(len(bench.rows))
+    name = f"{name}_rows{start}-{stop}"
+  results, markdown = [], ""
+  for row in selected:
     print(f"measuring {row.label}", flush=True)
     results.extend(harness.measure(row, names))
-  markdown = harness.write_results(results, name,
-                                   comparisons=bench.comparisons)
-  if out:
-    harness.write_results(results, name, directory=out,
-                          comparisons=bench.comparisons)
+    markdown = harness.write_results(results, name,
+                                     comparisons=bench.comparisons)
+    if out:
+      harness.write_results(results, name, directory=out,
+                            comparisons=bench.comparisons)
   return markdown
 
 
@@ -108,6 +116,8 @@ def main():
                       help=f"one or more of {', '.join(ROW_SETS)}")
   parser.add_argument("--list", action="store_true", help="list the sets")
   parser.add_argument("--out", help="also copy the results here")
+  parser.add_argument("--rows", default=":",
+                      help="a slice START:STOP of each set's rows")
   parser.add_argument("--implementations",
                       help="comma-separated (default: the set's)")
   args = parser.parse_args()
@@ -119,8 +129,10 @@ def main():
   if unknown:
     parser.error(f"unknown sets {unknown}; choose from {list(ROW_SETS)}")
   names = args.implementations.split(",") if args.implementations else None
+  start, _, stop = args.rows.partition(":")
+  rows = slice(int(start) if start else None, int(stop) if stop else None)
   for name in args.row_sets:
-    print(run_set(name, names, args.out), flush=True)
+    print(run_set(name, names, args.out, rows), flush=True)
 
 
 if __name__ == "__main__":

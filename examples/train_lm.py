@@ -384,8 +384,12 @@ def main(argv=None) -> int:
   difference = compare_losses(result.losses, reference.losses,
                               args.compare_steps)
   # bf16 rounds differently in the two attention paths, and the
-  # difference compounds over the updates; float32 agrees far closer.
-  tolerance = 5e-2 if config.dtype != "float32" else 1e-3
+  # difference compounds over the updates; float32 agrees far closer. The
+  # bf16 bound is the measured noise: on an H100 (2026-11-26, defaults,
+  # benchmarks/results/NVIDIA_H100_80GB_HBM3/train_lm*.log) the same kernel
+  # with and without remat, identical math in another rounding order,
+  # differed by up to 0.064 nats within 50 steps, and kernel vs XLA by 0.070.
+  tolerance = 1e-1 if config.dtype != "float32" else 1e-3
   agree = difference <= tolerance
   print(f"{'agree' if agree else 'DIFFER'} (tolerance {tolerance:g})")
   return 0 if agree else 1

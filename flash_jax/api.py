@@ -25,7 +25,7 @@ SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
                     jnp.dtype(jnp.bfloat16))
 IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "xla", "cudnn")
 # What implementation=None tries, in order. The Mosaic GPU (Hopper) backend
-# joins it, ahead of Triton, once its kernels have passed on a GPU.
+# joins it, ahead of Triton, once its test class has completed a GPU run.
 AUTO_ORDER = ("pallas_triton", "xla")
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -363,7 +363,8 @@ def dot_product_attention(
     implementation: None (auto: the Triton Pallas kernels on an NVIDIA
       sm80+ GPU, the XLA reference elsewhere, with a warning if a GPU call
       falls back), ``"pallas_triton"``, ``"pallas_mosaic_gpu"`` (Hopper
-      only; its kernels have not run on a GPU yet, see README), ``"xla"``,
+      only and opt-in until its GPU test class completes, see README),
+      ``"xla"``,
       ``"cudnn"`` (`jax.nn`'s cuDNN path), or a sequence tried in order:
       one that cannot take the call raises NotImplementedError internally
       and the next is tried; if none can, one NotImplementedError lists every

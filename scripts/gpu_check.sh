@@ -3,16 +3,24 @@
 # kernels, optionally the autotuner, then benchmark sets. Meant for a GPU
 # machine whose python3 already has jax (set FLASH_JAX_PYTHON otherwise).
 #
-#   bash scripts/gpu_check.sh [benchmark-set ...]      (default: foundation)
+#   bash scripts/gpu_check.sh [benchmark-set[@START:STOP] ...]  (default: foundation)
+#
+# A set named with @START:STOP measures only that slice of its rows.
 #
 # Environment:
 #   FLASH_JAX_TESTS        test paths (default: tests); "none" skips tests
 #   FLASH_JAX_PYTEST_ARGS  extra pytest arguments (e.g. "-n 14 -x")
+#   FLASH_JAX_TEST_FILTER  if set, pytest's -k expression (may hold spaces)
+#   FLASH_JAX_TEST_SECONDS if set, interrupts the tests after this many
+#                          seconds (SIGINT: pytest still prints its summary)
 #   FLASH_JAX_AUTOTUNE     if set, arguments for benchmarks/autotune.py
 #                          (e.g. "--head-dims 128"), run before benchmarks
 #   FLASH_JAX_TRAIN        if set, runs examples/train_lm.py --compare-xla,
 #                          then with --remat, adding these arguments (use
 #                          "--steps 200" or similar; "1" adds none)
+#   FLASH_JAX_DEADLINE     if set, seconds after which no benchmark set
+#                          starts and a running one is interrupted (rows
+#                          already measured are kept)
 #   OUT                    where results go (default /tmp/flash_jax_gpu)
 #
 # Everything is written under $OUT/run/ and also packed into
@@ -37,9 +45,13 @@ sets=("$@")
 
 tests_rc=0
 if [[ "${FLASH_JAX_TESTS:-tests}" != none ]]; then
+  limit=()
+  [[ -n "${FLASH_JAX_TEST_SECONDS:-}" ]] && limit=(timeout -s INT -k 30 "$FLASH_JAX_TEST_SECONDS")
+  filter=()
+  [[ -n "${FLASH_JAX_TEST_FILTER:-}" ]] && filter=(-k "$FLASH_JAX_TEST_FILTER")
   # shellcheck disable=SC2086
-  "$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=15 \
-    ${FLASH_JAX_PYTEST_ARGS:-} \
+  "${limit[@]}" "$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=15 \
+    ${FLASH_JAX_PYTEST_ARGS:-} "${filter[@]}" \
     2>&1 | tee "$run/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}
 fi
@@ -66,9 +78,23 @@ if [[ -n "${FLASH_JAX_TRAIN:-}" ]]; then
 fi
 
 bench_rc=0
-for set in "${sets[@]}"; do
-  [[ "$set" == none ]] && continue
-  "$python" benchmarks/run.py "$set" --out "$run" 2>&1 | tee "$run/bench_$set.log"
+for spec in "${sets[@]}"; do
+  [[ "$spec" == none ]] && continue
+  set_name="${spec%@*}"
+  rows=":"
+  [[ "$spec" == *@* ]] && rows="${spec#*@}"
+  limit=()
+  if [[ -n "${FLASH_JAX_DEADLINE:-}" ]]; then
+    left=$((FLASH_JAX_DEADLINE - SECONDS - 10))
+    if (( left < 30 )); then
+      echo "== deadline: skipping $spec" | tee -a "$run/skipped.txt"
+      bench_rc=1
+      continue
+    fi
+    limit=(timeout -s INT -k 15 "$left")
+  fi
+  "${limit[@]}" "$python" benchmarks/run.py "$set_name" --rows "$rows" --out "$run" \
+    2>&1 | tee "$run/bench_${set_name}_${rows/:/-}.log"
   rc=${PIPESTATUS[0]}
   [[ $rc -ne 0 ]] && bench_rc=$rc
 done

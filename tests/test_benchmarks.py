@@ -83,6 +83,26 @@ def test_row_sets_are_well_formed():
   assert {r.num_heads * r.head_dim for r in suite} == {2048}
 
 
+def test_xla_is_skipped_where_its_scores_cannot_fit():
+  row = Row(1, 32768, 32768, 16, 16, 128, True)  # 64 GiB of f32 scores
+  reason = harness.scores_too_big(row, limit=80 * 2**30)
+  assert reason and "64 GiB" in reason
+  assert harness.scores_too_big(row, limit=160 * 2**30) is None
+  assert harness.scores_too_big(TINY, limit=2**20) is None
+
+
+def test_a_slice_of_a_set_is_written_after_every_row(monkeypatch):
+  measured, writes = [], []
+  monkeypatch.setattr(harness, "measure", lambda row, names: (
+      measured.append(row) or [{"row": row.label}]))
+  monkeypatch.setattr(harness, "write_results", lambda results, name, **kw: (
+      writes.append((name, len(results))) or name))
+  bench = run.ROW_SETS["suite_h128"]
+  run.run_set("suite_h128", ["xla"], rows=slice(2, 5))
+  assert measured == list(bench.rows[2:5])
+  assert writes == [("suite_h128_rows2-5", n) for n in (1, 2, 3)]
+
+
 def test_plot_draws_one_line_per_implementation(tmp_path):
   pytest.importorskip("matplotlib")  # the `bench` extra, installed by CI
   from benchmarks import plot
