@@ -9,6 +9,7 @@ split NNX state.
     python examples/train_lm.py                  # GPU: ~10M params, T=2048; CPU: tiny, ~1 min
     python examples/train_lm.py --compare-xla    # also with implementation="xla": the losses must agree
     python examples/train_lm.py --remat          # blocks under jax.checkpoint, saving the kernel's residuals
+    python examples/train_lm.py --data-parallel  # the batch split over every visible device (jit + NamedSharding)
 
 It prints the loss, tokens/s and peak device memory as it goes (the
 allocator's peak where the device reports one, ``n/a`` on CPU) and the
@@ -31,6 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import AxisType, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import flash_jax  # noqa: E402
 from flash_jax.flax.nnx import FlashMultiHeadAttention  # noqa: E402
@@ -61,6 +64,7 @@ class Config:
   dtype: str = "float32"
   implementation: str | None = None
   remat: bool = False
+  data_parallel: bool = False
   seed: int = 0
   log_every: int = 50
 
@@ -250,16 +254,34 @@ def train(config: Config, corpus: np.ndarray | None = None, *,
   opt_state = optimizer.init(params)
   data = batches(train_tokens, config.batch, config.seq_len, config.seed)
 
-  tokens = jnp.asarray(next(data))
+  place = jnp.asarray
+  if config.data_parallel:
+    # Data parallelism through jit: the batch is split over a mesh of every
+    # device, parameters and optimizer state are replicated; flash_jax runs
+    # its kernels on each device's shard and XLA all-reduces the gradients.
+    devices = jax.devices()
+    if config.batch % len(devices):
+      raise ValueError(f"batch {config.batch} does not split evenly over "
+                       f"{len(devices)} devices")
+    mesh = jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(AxisType.Auto,))
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    opt_state = jax.device_put(opt_state, replicated)
+    batch_sharding = NamedSharding(mesh, P("data"))
+    place = lambda batch: jax.device_put(batch, batch_sharding)  # noqa: E731
+  tokens = place(next(data))
   # Compiled ahead of time: the memory analysis comes from the very
   # executable that then runs.
   step = make_train_step(graphdef, optimizer).lower(
       params, opt_state, tokens).compile()
   analysis = step.memory_analysis()
+  spread = (f", data-parallel over {jax.device_count()} devices"
+            if config.data_parallel else "")
   temp_bytes = None if analysis is None else analysis.temp_size_in_bytes
   log(f"[{config.implementation or 'auto'}{' +remat' if config.remat else ''}]"
       f" {num_params / 1e6:.2f}M params, B={config.batch} T={config.seq_len}"
-      f" {config.dtype}; compiled step temp memory {mib(temp_bytes)}")
+      f" {config.dtype}{spread}; compiled step temp memory {mib(temp_bytes)}")
 
   losses, pending = [], []
   tokens_per_step = config.batch * config.seq_len
@@ -268,7 +290,7 @@ def train(config: Config, corpus: np.ndarray | None = None, *,
   for index in range(config.steps):
     params, opt_state, loss = step(params, opt_state, tokens)
     pending.append(loss)
-    tokens = jnp.asarray(next(data))
+    tokens = place(next(data))
     last = index == config.steps - 1
     if (index + 1) % config.log_every and not last and index:
       continue
@@ -345,6 +367,9 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
   parser.add_argument("--remat", action="store_true",
                       help="attention and MLP branches under jax.checkpoint, "
                       "saving only flash_jax.RESIDUAL_NAMES")
+  parser.add_argument("--data-parallel", action="store_true",
+                      help="split the batch over every visible device "
+                      "(jit with NamedSharding; the batch must divide)")
   parser.add_argument("--compare-xla", action="store_true",
                       help="run the same steps again with "
                       "implementation='xla' and compare the losses")
@@ -360,6 +385,7 @@ def parse_args(argv=None) -> tuple[Config, argparse.Namespace]:
       depth=args.depth, num_heads=args.heads, num_kv_heads=args.kv_heads,
       learning_rate=args.lr, dtype=args.dtype, seed=args.seed,
       log_every=args.log_every, remat=args.remat,
+      data_parallel=args.data_parallel,
       warmup=min(defaults.warmup, max(args.steps // 5, 1)))
   return config, args
 

@@ -197,9 +197,11 @@ class Layout:
     """The PartitionSpec of an operand with logical ``dims`` and ``shape``.
 
     A dim is split only where it has its full size: a broadcast (size-1)
-    batch or head dim of a bias or mask stays whole.
+    batch or head dim of a bias or mask stays whole. With one kv head (MQA)
+    a head split divides the query heads and every shard keeps that head.
     """
-    split = {"b": self.batch, "n": self.heads, "k": self.heads}
+    split = {"b": self.batch, "n": self.heads,
+             "k": self.heads if full["k"] > 1 else ()}
     return P(*(_entry(split.get(d, ())) if size == full.get(d) else None
                for d, size in zip(dims, shape)))
 
@@ -241,8 +243,11 @@ def _choose_layout(shapes: dict, specs: dict,
     return n % math.prod(axis_sizes[a] for a in axes) == 0
 
   batch_axes = next((a for a in axes_of(0) if divides(a, batch)), ())
+  # Heads split along whole GQA groups (the kv heads split too), or, with a
+  # single kv head, along the query heads alone.
   head_axes = next((a for a in axes_of(2)
-                    if divides(a, num_kv_heads) and divides(a, num_heads)
+                    if (num_kv_heads == 1 or divides(a, num_kv_heads))
+                    and divides(a, num_heads)
                     and not set(a) & set(batch_axes)), ())
   return Layout(batch_axes, head_axes)
 
@@ -408,12 +413,15 @@ def _sharding_rule(operand_dims, operand_shapes, result_dims, result_shapes,
   """The op's Shardy rule: b, n and k pass through, all else is replicated.
 
   Query heads are the compound factor (k g) of kv heads and the GQA group,
-  so a head split lands on whole groups. A broadcast (size-1) dim gets a
-  factor of its own.
+  so a head split lands on whole groups; with one kv head (MQA) they are
+  the factor g alone (Shardy rejects a size-1 part of a compound factor).
+  A broadcast (size-1) dim gets a factor of its own.
   """
   groups = full["n"] // full["k"]
+  compound = groups > 1 and full["k"] > 1
   names = {"b": "b", "t": "t", "s": "s", "k": "k", "h": "h", "v": "v",
-           "n": CompoundFactor("k", "g") if groups > 1 else "k"}
+           "n": (CompoundFactor("k", "g") if compound
+                 else "g" if groups > 1 else "k")}
   fresh = (f"x{i}" for i in range(1 << 30))
 
   def mapping(dims, shape):
@@ -431,7 +439,7 @@ def _sharding_rule(operand_dims, operand_shapes, result_dims, result_shapes,
   return SdyShardingRule(
       operands, results,
       need_replication_factors=tuple(f for f in used if f in replicate),
-      **({"g": groups} if groups > 1 else {}))
+      **({"g": groups} if compound else {}))
 
 
 def _run_partitioned(kind: str, config: AttentionConfig, operands: dict):

@@ -222,6 +222,23 @@ def check_jit(axis_type: str):
       assert x.sharding.is_equivalent_to(sharding, 4), (
           f"jit {name}: {what} has {x.sharding}, not {sharding}")
 
+  # MQA (one kv head): split by batch, or split the query heads while the
+  # single kv head stays whole (its gradients are summed, not gathered).
+  q1, k1, v1 = _qkv(kv_heads=1, seed=3)
+  run = program("pallas_triton")
+  expected = run(q1, k1, v1)
+  mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
+  for name, q_spec, kv_spec in (("MQA batch", P("x"), P("x")),
+                                ("MQA heads", P(None, None, "x"), P())):
+    args = [jax.device_put(q1, NamedSharding(mesh, q_spec))] + [
+        jax.device_put(x, NamedSharding(mesh, kv_spec)) for x in (k1, v1)]
+    text = run.lower(*args).compile().as_text()
+    assert _all_gathers(text) == 0, f"jit {name}: {_all_gathers(text)} gathers"
+    (out, lse), grads = run(*args)
+    _close(f"jit {name}", ((out, lse), grads), expected)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, q_spec), 4), (
+        f"jit {name}: out has {out.sharding}")
+
   # vmap over a leading axis: correct (with Auto axes the kernels then run
   # unpartitioned, custom_partitioning having no batching rule).
   mesh = jax.make_mesh((4,), ("x",), axis_types=(axis_type,))
