@@ -11,6 +11,7 @@
 #   FLASH_JAX_TESTS        test paths (default: tests); "none" skips tests
 #   FLASH_JAX_PYTEST_ARGS  extra pytest arguments (e.g. "-n 14 -x")
 #   FLASH_JAX_TEST_FILTER  if set, pytest's -k expression (may hold spaces)
+#   FLASH_JAX_TEST_SHARD   i/n: run a stable 1/n of the tests (tests/conftest.py)
 #   FLASH_JAX_TEST_SECONDS if set, interrupts the tests after this many
 #                          seconds (SIGINT: pytest still prints its summary)
 #   FLASH_JAX_AUTOTUNE     if set, arguments for benchmarks/autotune.py
@@ -51,6 +52,7 @@ if [[ "${FLASH_JAX_TESTS:-tests}" != none ]]; then
   [[ -n "${FLASH_JAX_TEST_FILTER:-}" ]] && filter=(-k "$FLASH_JAX_TEST_FILTER")
   # shellcheck disable=SC2086
   "${limit[@]}" "$python" -m pytest ${FLASH_JAX_TESTS:-tests} -q -p no:cacheprovider -p no:benchmark --durations=15 \
+    --junitxml="$run/gpu_tests.xml" \
     ${FLASH_JAX_PYTEST_ARGS:-} "${filter[@]}" \
     2>&1 | tee "$run/gpu_tests.log"
   tests_rc=${PIPESTATUS[0]}

@@ -24,6 +24,28 @@ def pytest_configure(config):
     os.environ[_SEED_VARIABLE] = str(random.SystemRandom().randrange(2**31))
 
 
+_SHARD_VARIABLE = "FLASH_JAX_TEST_SHARD"
+
+
+def pytest_collection_modifyitems(config, items):
+  """FLASH_JAX_TEST_SHARD=i/n keeps a stable 1/n of the tests (shard i,
+  from 0, by a hash of each test id), so a GPU run too long for one call
+  splits into calls that together run every test exactly once."""
+  shard = os.environ.get(_SHARD_VARIABLE)
+  if not shard:
+    return
+  index, _, count = shard.partition("/")
+  index, count = int(index), int(count)
+  if not 0 <= index < count:
+    raise pytest.UsageError(f"{_SHARD_VARIABLE}={shard}: need 0 <= i < n")
+  keep, drop = [], []
+  for item in items:
+    (keep if zlib.crc32(item.nodeid.encode()) % count == index
+     else drop).append(item)
+  items[:] = keep
+  config.hook.pytest_deselected(items=drop)
+
+
 def base_seed() -> int:
   return int(os.environ[_SEED_VARIABLE])
 
