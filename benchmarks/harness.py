@@ -326,14 +326,15 @@ def scores_too_big(row: Row, limit: int | None = None) -> str | None:
   """Why XLA's plain attention cannot fit ``row`` on the device (of
   ``limit`` bytes, default: the first device's), or None.
 
-  It holds the float32 [B, N, T, S] scores (and, for the backward, their
+  Its forward+backward holds about three float32 [B, N, T, S] arrays (the
+  scores or probabilities, a mask or bias broadcast to them, and their
   gradient); above half the device's memory it is reported, not run.
   """
-  needed = 4.0 * row.batch * row.num_heads * row.q_seq * row.kv_seq
+  needed = 3 * 4.0 * row.batch * row.num_heads * row.q_seq * row.kv_seq
   limit = limit if limit is not None else _device_memory_bytes()
   if limit is None or needed <= limit / 2:
     return None
-  return (f"skipped: the float32 [B,N,T,S] scores alone need "
+  return (f"skipped: three float32 [B,N,T,S] arrays need "
           f"{needed / 2**30:.0f} GiB of {limit / 2**30:.0f} GiB")
 
 
@@ -495,10 +496,9 @@ def write_results(results, name: str, directory: str | None = None,
   directory = directory or os.path.join(os.path.dirname(__file__), "results",
                                         card)
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f"{name}.json"), "w") as f:
-    json.dump({"environment": env, "results": results}, f, indent=1)
-  with open(os.path.join(directory, f"{name}.csv"), "w") as f:
-    f.write(to_csv(results))
+  _write_atomically(os.path.join(directory, f"{name}.json"), json.dumps(
+      {"environment": env, "results": results}, indent=1))
+  _write_atomically(os.path.join(directory, f"{name}.csv"), to_csv(results))
   markdown = (
       f"# {name}\n\n{env['card']}, {env['date']}, JAX {env['jax']}.\n\n"
       "ms per call (TFLOP/s by FlashAttention's count: 4·B·N·T·S·H, halved "
@@ -515,6 +515,13 @@ def write_results(results, name: str, directory: str | None = None,
     markdown += "\n## Errors\n\n" + "".join(
         f"- {e['implementation']} {e['row']} {e['pass']}: {e['error']}\n"
         for e in errors)
-  with open(os.path.join(directory, f"{name}.md"), "w") as f:
-    f.write(markdown)
+  _write_atomically(os.path.join(directory, f"{name}.md"), markdown)
   return markdown
+
+
+def _write_atomically(path: str, text: str):
+  """A run killed mid-write leaves the previous file, never half of one."""
+  partial = f"{path}.partial"
+  with open(partial, "w") as f:
+    f.write(text)
+  os.replace(partial, path)

@@ -1,11 +1,14 @@
 """Runs named sets of benchmark rows on the GPU it finds.
 
-    python benchmarks/run.py SET [SET ...] [--out DIR] [--implementations ...]
+    python benchmarks/run.py SET [SET ...] [--out DIR] [--rows START:STOP]
+        [--implementations ...]
     python benchmarks/run.py --list
 
 Each set writes ``<set>.md``, ``<set>.csv`` and ``<set>.json`` under
-``benchmarks/results/<card>/`` (and copies under ``--out``) and prints the
-markdown table. ``benchmarks/plot.py`` turns the JSON into a PNG.
+``benchmarks/results/<card>/`` (and copies under ``--out``), rewritten after
+every row, and prints the markdown table; ``--rows`` measures a slice of
+each set's rows and names the files ``<set>_rows<START>-<STOP>``.
+``benchmarks/plot.py`` turns the JSON into a PNG.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -86,9 +90,14 @@ ROW_SETS = {
 
 def run_set(name: str, implementations=None, out: str | None = None,
             rows: slice = slice(None)) -> str:
-  """Measures the set's rows (or the ``rows`` slice of them), rewriting the
-  results after each row so that an interrupted run keeps what it measured.
-  A slice writes ``<name>_rows<start>-<stop>``."""
+  """Measures the set's rows (or the ``rows`` slice of them).
+
+  The results are rewritten after each row, so that an interrupted run
+  keeps what it measured: under ``out`` when given (the files under
+  ``benchmarks/results/<card>/`` are then replaced only when the run
+  finishes), else under ``benchmarks/results/<card>/``. A slice writes
+  ``<name>_rows<start>-<stop>``.
+  """
   bench = ROW_SETS[name]
   names = implementations or bench.implementations
   capability = flash_jax.platform.compute_capability()
@@ -102,11 +111,12 @@ def run_set(name: str, implementations=None, out: str | None = None,
   for row in selected:
     print(f"measuring {row.label}", flush=True)
     results.extend(harness.measure(row, names))
+    # Under --out (or, without it, benchmarks/results/<card>/).
+    markdown = harness.write_results(results, name, directory=out,
+                                     comparisons=bench.comparisons)
+  if out:  # the committed copy is replaced only by a finished run
     markdown = harness.write_results(results, name,
                                      comparisons=bench.comparisons)
-    if out:
-      harness.write_results(results, name, directory=out,
-                            comparisons=bench.comparisons)
   return markdown
 
 
@@ -117,7 +127,8 @@ def main():
   parser.add_argument("--list", action="store_true", help="list the sets")
   parser.add_argument("--out", help="also copy the results here")
   parser.add_argument("--rows", default=":",
-                      help="a slice START:STOP of each set's rows")
+                      help="a slice START:STOP of each set's rows (write "
+                      "--rows=-2: for a negative start)")
   parser.add_argument("--implementations",
                       help="comma-separated (default: the set's)")
   args = parser.parse_args()
@@ -129,8 +140,12 @@ def main():
   if unknown:
     parser.error(f"unknown sets {unknown}; choose from {list(ROW_SETS)}")
   names = args.implementations.split(",") if args.implementations else None
-  start, _, stop = args.rows.partition(":")
-  rows = slice(int(start) if start else None, int(stop) if stop else None)
+  match = re.fullmatch(r"(-?\d*):(-?\d*)", args.rows)
+  if not match:
+    parser.error(f"--rows {args.rows!r}: expected START:STOP (either may be "
+                 "empty, e.g. 0:6 or 6:)")
+  start, stop = (int(x) if x else None for x in match.groups())
+  rows = slice(start, stop)
   for name in args.row_sets:
     print(run_set(name, names, args.out, rows), flush=True)
 

@@ -27,7 +27,9 @@ instead, by the context the call is traced in:
 Only the batch dim and the head dims are split. The batch axes come from the
 query's batch dim and the head axes from its head dim (the key's where the
 query is not split); a split that does not divide ``B``, or the kv heads
-``K`` (so a GQA group never straddles two devices), is dropped. Everything
+``K`` (so a GQA group never straddles two devices), is dropped, except that
+with one kv head (MQA) the query heads split alone and every shard keeps
+that head. Everything
 else is replicated: sequence-sharded inputs are all-gathered (still exact;
 sequence parallelism would need ring attention), and so is every batch and
 head split under ``mask_fn`` or per-element dropout, which see absolute
@@ -67,7 +69,8 @@ from flash_jax.masks import MaskArrays
 SELF_PARTITIONING = frozenset({"xla"})
 
 # The logical dims of each operand, one letter per array dim: b batch,
-# n query heads, k kv heads (split with the same mesh axes as n), t / s
+# n query heads, k kv heads (split with the same mesh axes as n, unless
+# there is one kv head, which every head shard keeps), t / s
 # query / key positions, h / v head dims, r anything else. Only b, n and k
 # are ever split.
 _OPERAND_DIMS = {

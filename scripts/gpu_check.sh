@@ -19,9 +19,10 @@
 #   FLASH_JAX_TRAIN        if set, runs examples/train_lm.py --compare-xla,
 #                          then with --remat, adding these arguments (use
 #                          "--steps 200" or similar; "1" adds none)
-#   FLASH_JAX_DEADLINE     if set, seconds after which no benchmark set
-#                          starts and a running one is interrupted (rows
-#                          already measured are kept)
+#   FLASH_JAX_DEADLINE     if set, seconds after this script's start by
+#                          which benchmarks stop: no set starts and a
+#                          running one is interrupted (rows already
+#                          measured are kept)
 #   OUT                    where results go (default /tmp/flash_jax_gpu)
 #
 # Everything is written under $OUT/run/ and also packed into
@@ -87,7 +88,8 @@ for spec in "${sets[@]}"; do
   [[ "$spec" == *@* ]] && rows="${spec#*@}"
   limit=()
   if [[ -n "${FLASH_JAX_DEADLINE:-}" ]]; then
-    left=$((FLASH_JAX_DEADLINE - SECONDS - 10))
+    # Leave the kill grace (15 s) and the packing below before the deadline.
+    left=$((FLASH_JAX_DEADLINE - SECONDS - 30))
     if (( left < 30 )); then
       echo "== deadline: skipping $spec" | tee -a "$run/skipped.txt"
       bench_rc=1

@@ -35,9 +35,10 @@ def pytest_collection_modifyitems(config, items):
   if not shard:
     return
   index, _, count = shard.partition("/")
-  index, count = int(index), int(count)
-  if not 0 <= index < count:
+  if not (index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(
+      count):
     raise pytest.UsageError(f"{_SHARD_VARIABLE}={shard}: need 0 <= i < n")
+  index, count = int(index), int(count)
   keep, drop = [], []
   for item in items:
     (keep if zlib.crc32(item.nodeid.encode()) % count == index

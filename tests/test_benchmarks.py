@@ -86,8 +86,8 @@ def test_row_sets_are_well_formed():
 def test_xla_is_skipped_where_its_scores_cannot_fit():
   row = Row(1, 32768, 32768, 16, 16, 128, True)  # 64 GiB of f32 scores
   reason = harness.scores_too_big(row, limit=80 * 2**30)
-  assert reason and "64 GiB" in reason
-  assert harness.scores_too_big(row, limit=160 * 2**30) is None
+  assert reason and "192 GiB" in reason
+  assert harness.scores_too_big(row, limit=400 * 2**30) is None
   assert harness.scores_too_big(TINY, limit=2**20) is None
 
 
