@@ -33,6 +33,12 @@ class BlockSizes:
     num_warps_fwd, num_stages_fwd: the forward kernel's.
     num_warps_dkv, num_stages_dkv: the dK/dV kernel's.
     num_warps_dq, num_stages_dq: the dQ kernel's.
+    ping_pong: the Hopper backend's forward only: its two consumer
+      warpgroups take turns on the tensor cores (FlashAttention-3's
+      ping-pong schedule), so one's softmax overlaps the other's matrix
+      products. Off by default until measured on a GPU. The Hopper backend
+      takes no other field: given one, it declines the call (falling
+      through to the Triton backend, whose tiling the fields describe).
 
   Tiles that cannot fit the GPU's shared memory (estimated ahead of time)
   raise ValueError when the call is traced, not a compile error later.
@@ -52,11 +58,16 @@ class BlockSizes:
   num_stages_dkv: int | None = None
   num_warps_dq: int | None = None
   num_stages_dq: int | None = None
+  ping_pong: bool | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if value is None:
+        continue
+      if field.name == "ping_pong":
+        if not isinstance(value, bool):
+          raise ValueError(f"BlockSizes.ping_pong must be a bool, got {value!r}")
         continue
       if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(

@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 import flash_jax
-from flash_jax.config import AttentionConfig
+from flash_jax.config import AttentionConfig, BlockSizes
 from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import flash_attention
 
@@ -196,6 +196,28 @@ def test_feature_kernels_lower_for_h100(name):
 
 
 MOSAIC_CALL = "mosaic_gpu"
+
+
+def test_ping_pong_changes_the_mosaic_forward_kernel():
+  """BlockSizes(ping_pong=True) reaches the Hopper forward kernel: its
+  consumers meet at a schedule barrier (more barrier arrivals in the
+  kernel's jaxpr); ping_pong=False is the default kernel exactly."""
+  q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+
+  def kernel_jaxpr(block_sizes):
+    config = AttentionConfig(mask=MaskSpec(is_causal=True), scale=0.1,
+                             implementation="pallas_mosaic_gpu",
+                             interpret=False, block_sizes=block_sizes)
+    return str(jax.make_jaxpr(lambda q, k, v: flash_attention(
+        config, q, k, v, None, MaskArrays())[0])(q, q, q))
+
+  plain = kernel_jaxpr(None)
+  assert kernel_jaxpr(BlockSizes(ping_pong=False)) == plain
+  ping_pong = kernel_jaxpr(BlockSizes(ping_pong=True))
+  assert ping_pong.count("barrier_arrive") > plain.count("barrier_arrive")
+  assert ping_pong.count("barrier_wait") > plain.count("barrier_wait")
+
+
 MOSAIC_CASES = {
     # (B, T, S, N, K, H, dtype, mask spec, lengths, soft-cap)
     "h128": (2, 4096, 4096, 8, 8, 128, jnp.bfloat16, MaskSpec(), False, None),
@@ -210,15 +232,19 @@ MOSAIC_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MOSAIC_CASES))
-def test_mosaic_gpu_kernels_lower_for_h100(name):
+@pytest.mark.parametrize("name, ping_pong", [
+    (name, False) for name in sorted(MOSAIC_CASES)] + [
+    ("h128", True), ("h64_causal_gqa_tails", True)])
+def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong):
   """The Hopper backend's forward and backward kernels lower through Mosaic
-  GPU (for head dims above 128 the backward is the Triton one)."""
+  GPU (for head dims above 128 the backward is the Triton one), with and
+  without the ping-pong schedule."""
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
    cap) = MOSAIC_CASES[name]
-  config = AttentionConfig(mask=spec, scale=head_dim ** -0.5,
-                           implementation="pallas_mosaic_gpu",
-                           interpret=False, logits_soft_cap=cap)
+  config = AttentionConfig(
+      mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
+      interpret=False, logits_soft_cap=cap,
+      block_sizes=BlockSizes(ping_pong=True) if ping_pong else None)
   q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
                      head_dim, dtype)
   length = jax.ShapeDtypeStruct((batch,), jnp.int32)

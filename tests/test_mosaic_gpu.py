@@ -38,6 +38,13 @@ def test_unsupported_calls_name_their_reason_and_fall_through(rng,
     flash_jax.dot_product_attention(
         *(x.astype(jnp.bfloat16) for x in (q, k, v)),
         implementation="pallas_mosaic_gpu", interpret=False)
+  # Triton tiling in block_sizes is refused by name (ping_pong is its own).
+  with pytest.raises(NotImplementedError, match="block_q, num_warps_dq"):
+    flash_jax.dot_product_attention(
+        *(x.astype(jnp.bfloat16) for x in (q, k, v)),
+        implementation="pallas_mosaic_gpu", interpret=False,
+        block_sizes=flash_jax.BlockSizes(block_q=32, num_warps_dq=4,
+                                         ping_pong=True))
   monkeypatch.undo()
   # In a sequence, the next implementation takes what it refuses.
   out = flash_jax.dot_product_attention(

@@ -34,9 +34,20 @@ def _padded_head_dim(head_dim: int) -> int:
   return next(d for d in HEAD_DIMS if d >= head_dim)
 
 
+def _triton_tiling_fields(config: AttentionConfig) -> list[str]:
+  """The `BlockSizes` fields set in the call that this backend cannot honour
+  (all but ``ping_pong``: they describe the Triton kernels' tiling)."""
+  if config.block_sizes is None:
+    return []
+  return [f.name for f in dataclasses.fields(config.block_sizes)
+          if f.name != "ping_pong"
+          and getattr(config.block_sizes, f.name) is not None]
+
+
 def _unsupported(config: AttentionConfig, query, value, bias, arrays
                  ) -> list[str]:
   spec = config.mask
+  tiling = _triton_tiling_fields(config)
   return [reason for reason, bad in (
       ("bias", bias is not None),
       ("a dense mask", arrays.mask is not None),
@@ -49,6 +60,7 @@ def _unsupported(config: AttentionConfig, query, value, bias, arrays
        value.shape[-1] != query.shape[-1]),
       ("Pallas interpret mode (Mosaic GPU's cannot run wgmma)",
        config.interpret),
+      (f"block_sizes fields {', '.join(tiling)} (Triton tiling)", tiling),
   ) if bad]
 
 
@@ -74,7 +86,8 @@ def _params(config: AttentionConfig, query, key):
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
-      stages=3 if padded <= 64 else 2)
+      stages=3 if padded <= 64 else 2,
+      ping_pong=bool(config.block_sizes and config.block_sizes.ping_pong))
 
 
 def _lengths(lengths, batch: int, full: int):

@@ -15,7 +15,15 @@ Both consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
 no per-consumer schedule; each consumer splits that range by its own rows
 into masked and unmasked phases, so only blocks on a mask boundary pay for
-the element-wise mask. Tails need no padding: TMA reads past the array as
+the element-wise mask.
+
+With ``ping_pong`` the consumers also take turns on the tensor cores
+(FlashAttention-3, Sec. 3.1, "pingpong scheduling"): a two-arrival
+"schedule" barrier makes one consumer's softmax of block t run while the
+other issues its products, each consumer handing the tensor cores over
+twice per block. Both walk the same number of blocks, so the hand-overs
+pair up; the second consumer starts one hand-over late and the first ends
+one late. Tails need no padding: TMA reads past the array as
 zeros (those keys are masked by ``kv_len``) and clips stores past it.
 """
 
@@ -58,6 +66,7 @@ class ForwardParams:
   logits_soft_cap: float | None
   block_kv: int
   stages: int
+  ping_pong: bool = False   # consumers take turns on the tensor cores
 
   @property
   def groups(self) -> int:
@@ -91,7 +100,8 @@ def _row_vector_of(tile_condition):
 
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
                     lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
-                    k_ready, v_ready, k_free, v_free, *, p: ForwardParams):
+                    k_ready, v_ready, k_free, v_free, schedule, *,
+                    p: ForwardParams):
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
@@ -121,6 +131,12 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
     first_full, end_full = common.own_phase_steps(own, lo, steps)
     tile = (BLOCK_Q, block_kv)
 
+    def hand_over():
+      """Both consumers meet here: the tensor cores change hands."""
+      if p.ping_pong:
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
     def step(t, carry, *, masked: bool):
       acc, m_prev, l_prev = carry
       slot = lax.rem(t, jnp.int32(stages))
@@ -128,6 +144,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+        hand_over()   # issued; the other consumer's softmax may start
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
@@ -146,7 +163,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       l_next = l_prev * correction + jnp.sum(probs, axis=1)
       acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
       probs = probs.astype(p.dtype)
+      if p.ping_pong:
+        plgpu.barrier_arrive(schedule)      # softmax done
       plgpu.barrier_wait(v_ready.at[slot])
+      if p.ping_pong:
+        plgpu.barrier_wait(schedule)        # the tensor cores are ours
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
@@ -162,7 +183,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
         plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
                           plgpu.Layout.WGMMA.reduce(1)),
     )
+    if p.ping_pong:
+      pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
     acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
+    if p.ping_pong:
+      pl.when(wg == 0)(hand_over)   # and the first ends one behind
 
     # Rows that attend nothing (padding, or every key masked): 0 and -inf.
     rows = q_start + plgpu.broadcasted_iota(
@@ -200,6 +225,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       plgpu.Barrier(num_barriers=p.stages),                   # V landed
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # K free
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
+      plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
   ]
   num_q_tiles = pl.cdiv(p.q_seq, p.rows_per_cta)
   out_type = [
