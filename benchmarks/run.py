@@ -5,9 +5,10 @@
     python benchmarks/run.py --list
 
 Each set writes ``<set>.md``, ``<set>.csv`` and ``<set>.json`` under
-``benchmarks/results/<card>/`` (and copies under ``--out``), rewritten after
-every row, and prints the markdown table; ``--rows`` measures a slice of
-each set's rows and names the files ``<set>_rows<START>-<STOP>``.
+``benchmarks/results/<card>/`` and prints the markdown table. The files are
+rewritten after every row (under ``--out`` when given, and copied to
+``benchmarks/results/<card>/`` when the set finishes); ``--rows`` measures a
+slice of each set's rows and names the files ``<set>_rows<START>-<STOP>``.
 ``benchmarks/plot.py`` turns the JSON into a PNG.
 """
 

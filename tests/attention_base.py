@@ -295,7 +295,8 @@ class AttentionTestBase:
     bias = jax.random.normal(jax.random.fold_in(rng, 7), (1, 1, 97, 113),
                              q.dtype)
     self.check_against_reference(q, k, v, do, is_causal=True, bias=bias,
-                                 logits_soft_cap=5.0, block_sizes=self.small_tiles)
+                                 logits_soft_cap=5.0,
+                                 block_sizes=self.small_tiles)
 
   @pytest.mark.parametrize("broadcast", [False, True])
   def test_dropout(self, rng, broadcast):
@@ -381,7 +382,8 @@ class AttentionTestBase:
         lambda *a: self.attend(
             *a[:3], bias=a[3], is_causal=True, query_segment_ids=ids,
             kv_segment_ids=kv_ids, logits_soft_cap=20.0, dropout_rate=0.1,
-            dropout_rng=jax.random.fold_in(rng, 7), block_sizes=self.small_tiles),
+            dropout_rng=jax.random.fold_in(rng, 7),
+            block_sizes=self.small_tiles),
         q, k, v, b)[1](do))
     first, second = fn(q, k, v, bias, do), fn(q, k, v, bias, do)
     for a, b in zip(first, second):

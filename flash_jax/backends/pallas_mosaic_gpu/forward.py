@@ -15,7 +15,8 @@ Both consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
 no per-consumer schedule; each consumer splits that range by its own rows
 into masked and unmasked phases, so only blocks on a mask boundary pay for
-the element-wise mask.
+the element-wise mask. Tails need no padding: TMA reads past the array as
+zeros (those keys are masked by ``kv_len``) and clips stores past it.
 
 With ``ping_pong`` the consumers also take turns on the tensor cores
 (FlashAttention-3, Sec. 3.1, "pingpong scheduling"): a two-arrival
@@ -23,8 +24,7 @@ With ``ping_pong`` the consumers also take turns on the tensor cores
 other issues its products, each consumer handing the tensor cores over
 twice per block. Both walk the same number of blocks, so the hand-overs
 pair up; the second consumer starts one hand-over late and the first ends
-one late. Tails need no padding: TMA reads past the array as
-zeros (those keys are masked by ``kv_len``) and clips stores past it.
+one late.
 """
 
 from __future__ import annotations
