@@ -92,6 +92,26 @@ class Row:
     return (f"B={self.batch} T={seq} N={heads} H={self.head_dim} "
             + ", ".join(extras))
 
+  def attended_pairs(self) -> int | None:
+    """(query, key) pairs one head of one batch row attends, from causal,
+    window and documents (None with a random sparsity mask). The ratio of
+    two rows' counts bounds the speed-up block skipping can give."""
+    if self.sparsity is not None:
+      return None
+    i = np.arange(self.q_seq)
+    hi = np.minimum(i, self.kv_seq - 1) if self.is_causal else np.full_like(
+        i, self.kv_seq - 1)
+    lo = np.zeros_like(i)
+    if self.window is not None:  # local_window_size=(window, 0)
+      lo = np.maximum(lo, i - self.window)
+      hi = np.minimum(hi, i)
+    if self.documents is not None:  # the segment ids `draw` makes
+      q_ids = i * self.documents // self.q_seq
+      kv_ids = np.arange(self.kv_seq) * self.documents // self.kv_seq
+      lo = np.maximum(lo, np.searchsorted(kv_ids, q_ids, "left"))
+      hi = np.minimum(hi, np.searchsorted(kv_ids, q_ids, "right") - 1)
+    return int(np.maximum(hi - lo + 1, 0).sum())
+
   def flops(self, backward: bool) -> float:
     """FlashAttention's count: 4*B*N*T*S*H, halved for causal, x3.5 with
     the backward."""
@@ -477,7 +497,13 @@ def comparison_lines(results, comparisons) -> str:
         verdict = "" if c.target is None else (
             f" ({'meets' if speedup >= c.target else 'MISSES'} >= "
             f"{c.target}x)")
-        lines.append(f"- {c.name} ({mode}): {speedup:.2f}x{verdict}")
+        bound = ""
+        fast_pairs, slow_pairs = c.fast.attended_pairs(), c.slow.attended_pairs()
+        if fast_pairs and slow_pairs:
+          bound = (f"; skipping work can give at most "
+                   f"{slow_pairs / fast_pairs:.2f}x, the ratio of attended "
+                   "pairs")
+        lines.append(f"- {c.name} ({mode}): {speedup:.2f}x{verdict}{bound}")
   return "\n".join(lines)
 
 

@@ -103,6 +103,26 @@ def test_a_slice_of_a_set_is_written_after_every_row(monkeypatch):
   assert writes == [("suite_h128_rows2-5", n) for n in (1, 2, 3)]
 
 
+def test_attended_pairs_count_what_the_masks_allow():
+  """Against a brute-force count of the reference's mask on small rows."""
+  import numpy as np
+  rows = [Row(1, 40, 40, 1, 1, 8, causal, window=window, documents=docs)
+          for causal in (False, True) for window in (None, 7)
+          for docs in (None, 3)] + [Row(1, 30, 50, 1, 1, 8, True)]
+  for row in rows:
+    i, j = np.arange(row.q_seq)[:, None], np.arange(row.kv_seq)[None, :]
+    allowed = np.ones((row.q_seq, row.kv_seq), bool)
+    if row.is_causal:
+      allowed &= j <= i
+    if row.window is not None:       # local_window_size=(window, 0)
+      allowed &= (j >= i - row.window) & (j <= i)
+    if row.documents is not None:
+      allowed &= (i * row.documents // row.q_seq) == (
+          j * row.documents // row.kv_seq)
+    assert row.attended_pairs() == allowed.sum(), row.label
+  assert dataclasses.replace(TINY, sparsity=0.5).attended_pairs() is None
+
+
 def test_plot_draws_one_line_per_implementation(tmp_path):
   pytest.importorskip("matplotlib")  # the `bench` extra, installed by CI
   from benchmarks import plot
