@@ -133,9 +133,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
 
     def hand_over():
       """Both consumers meet here: the tensor cores change hands."""
-      if p.ping_pong:
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(schedule)
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(schedule)
 
     def step(t, carry, *, masked: bool):
       acc, m_prev, l_prev = carry
@@ -144,7 +143,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-        hand_over()   # issued; the other consumer's softmax may start
+        if p.ping_pong:
+          hand_over()   # issued; the other consumer's softmax may start
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
