@@ -184,6 +184,47 @@ class TestDropout:
       words = flash_jax.dropout.philox4x32(counter, key)
       assert tuple(int(w) for w in words) == expected
 
+  def test_emulated_mulhi_is_exact(self):
+    a_values = [flash_jax.dropout._M0, flash_jax.dropout._M1, 1, 0xFFFFFFFF]
+    b = np.random.default_rng().integers(0, 2**32, 4096, dtype=np.uint64)
+    b[:3] = (0, 1, 2**32 - 1)
+    for a in a_values:
+      high = flash_jax.dropout.mulhi_emulated(a, jnp.asarray(b, jnp.uint32))
+      np.testing.assert_array_equal(np.asarray(high, np.uint64),
+                                    (np.uint64(a) * b) >> np.uint64(32))
+
+  def test_kernel_tile_form_equals_per_element_form(self, rng):
+    """`keep_tile` (one Philox call per four keys, words interleaved as the
+    kernels do) gives the bits of `keep_from_indices` element by element."""
+    seed = flash_jax.dropout.seed_words(rng)
+    q_idx = jnp.arange(37, 37 + 16, dtype=jnp.uint32)
+    for kv_start, width in [(0, 16), (4, 4), (64, 32), (1000, 128)]:
+      tile = flash_jax.dropout.keep_tile(seed, 0.5, 3, 5, q_idx, kv_start,
+                                         width)
+      kv_idx = kv_start + jnp.arange(width, dtype=jnp.uint32)
+      expected = flash_jax.dropout.keep_from_indices(
+          seed, 0.5, jnp.uint32(3), jnp.uint32(5), q_idx[:, None],
+          kv_idx[None, :])
+      np.testing.assert_array_equal(tile, expected)
+      assert 0.3 < float(tile.mean()) < 0.7
+    with pytest.raises(ValueError, match="multiple of 4"):
+      flash_jax.dropout.keep_tile(seed, 0.5, 0, 0, q_idx, 0, 6)
+
+  def test_four_keys_share_a_call_one_word_each(self, rng):
+    """Key j takes word j % 4 of the call with counter j // 4."""
+    seed = flash_jax.dropout.seed_words(rng)
+    words = flash_jax.dropout.philox4x32((2, 7, 1, 0), (seed[0], seed[1]))
+    thresholds = [int(w) for w in words]
+    for j in range(8, 12):
+      word = thresholds[j % 4]
+      for rate in (word / 2**32 - 1e-6, word / 2**32 + 1e-6):
+        if not 0 <= rate < 1:
+          continue
+        kept = bool(flash_jax.dropout.keep_from_indices(
+            seed, rate, jnp.uint32(0), jnp.uint32(1), jnp.uint32(7),
+            jnp.uint32(j)))
+        assert kept == (word >= flash_jax.dropout.threshold(rate))
+
   def test_output_equals_reference_fed_the_rebuilt_mask(self, qkv, rng):
     q, k, v, do = qkv
     rate = 0.3

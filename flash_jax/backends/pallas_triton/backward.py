@@ -104,7 +104,7 @@ def _dkv_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
                                     q_segment=q_segment,
                                     kv_segment=kv_segment, dense=dense)
     probs_kept, dlogits = common.backward_tile(
-        p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_idx, bias=bias,
+        p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_start, bias=bias,
         allowed=allowed)
     dv = dv + common.dot(probs_kept.astype(do.dtype), do, p, trans_a=True)
     dk = dk + common.dot(dlogits.astype(q.dtype), q, p, trans_a=True)
@@ -167,7 +167,7 @@ def _dq_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
         p, ctx, inputs, head, q_idx, kv_idx, kv_rows, q_in_array,
         kv_in_array, q_segment, masked=masked)
     _, dlogits = common.backward_tile(
-        p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_idx, bias=bias,
+        p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_start, bias=bias,
         allowed=allowed)
     return dq + common.dot(dlogits.astype(k.dtype), k, p)
 
@@ -254,7 +254,7 @@ def _dbias_kernel(*refs, p: KernelParams, names: tuple[str, ...],
                                       q_segment=q_segment,
                                       kv_segment=kv_segment, dense=dense)
       _, dlogits = common.backward_tile(
-          p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_idx, bias=bias,
+          p, ctx, head, q, k, v, do, lse, delta, q_idx, kv_start, bias=bias,
           allowed=allowed)
       return acc + dlogits
 

@@ -276,15 +276,29 @@ def scores(q, k, p: KernelParams, bias=None):
   return tanh * (cap * LOG2_E), tanh
 
 
-def dropout_scale(p: KernelParams, ctx: TileContext, head, q_idx, kv_idx):
-  """``keep / (1 - rate)`` per element, from the counter-based hash (the
-  same function `flash_jax.dropout.keep_mask` evaluates outside)."""
+def _mulhi_ptx(a: int, b):
+  """The high half of ``a * b`` in one ``mul.hi.u32`` (the uint32 emulation
+  takes about ten instructions; the bits are the same)."""
+  # The asm speaks int32: its uint32 results would lower to a type (ui32)
+  # that the rest of the kernel's integer ops (signless i32) do not match.
+  as_int = jax.lax.bitcast_convert_type(b, jnp.int32)
+  (high,) = plgpu.elementwise_inline_asm(
+      f"mul.hi.u32 $0, $1, {a:#x};", args=[as_int], constraints="=r,r",
+      pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(b.shape, jnp.int32)])
+  return jax.lax.bitcast_convert_type(high, jnp.uint32)
+
+
+def dropout_scale(p: KernelParams, ctx: TileContext, head, q_idx, kv_start):
+  """``keep / (1 - rate)`` for the tile of rows ``q_idx`` and keys
+  ``kv_start + arange(block_kv)``, from the counter-based hash (the same
+  bits `flash_jax.dropout.keep_mask` computes outside)."""
   zero = jnp.uint32(0)
   batch = zero if p.dropout_broadcast else ctx.batch.astype(jnp.uint32)
   head = zero if p.dropout_broadcast else jnp.asarray(head).astype(jnp.uint32)
-  keep = dropout.keep_from_indices(
-      ctx.seed, p.dropout_rate, batch, head,
-      q_idx.astype(jnp.uint32)[:, None], kv_idx.astype(jnp.uint32)[None, :])
+  # Interpret mode runs on the CPU, where inline PTX cannot.
+  mulhi = dropout.mulhi_emulated if p.interpret else _mulhi_ptx
+  keep = dropout.keep_tile(ctx.seed, p.dropout_rate, batch, head, q_idx,
+                           kv_start, p.block_kv, mulhi=mulhi)
   return jnp.where(keep, jnp.float32(1.0 / (1.0 - p.dropout_rate)), 0.0)
 
 
@@ -320,7 +334,8 @@ def q_major_bias_and_mask(p: KernelParams, ctx: TileContext, inputs: Refs,
 
 
 def backward_tile(p: KernelParams, ctx: TileContext, head, q, k, v, do,
-                  lse_log2, delta, q_idx, kv_idx, *, bias=None, allowed=None):
+                  lse_log2, delta, q_idx, kv_start, *, bias=None,
+                  allowed=None):
   """Recomputes one tile of the backward (FlashAttention-2, Algorithm 2).
 
   Returns ``(probs_kept, dlogits)``: the dropped-and-rescaled probabilities
@@ -336,7 +351,7 @@ def backward_tile(p: KernelParams, ctx: TileContext, head, q, k, v, do,
   if p.dropout_rate > 0:
     # dO flows only through kept probabilities; D = rowsum(dO * O) already
     # equals rowsum(P * dP) with dP taken through the dropout.
-    keep_scale = dropout_scale(p, ctx, head, q_idx, kv_idx)
+    keep_scale = dropout_scale(p, ctx, head, q_idx, kv_start)
     probs_kept = probs * keep_scale
     dprobs = dprobs * keep_scale
   dlogits = probs * (dprobs - delta[:, None])

@@ -80,7 +80,7 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     # and lse stays that of the plain softmax.
     l_next = l_prev * correction + jnp.sum(probs, axis=1)
     if p.dropout_rate > 0:
-      probs = probs * common.dropout_scale(p, ctx, head, q_idx, kv_idx)
+      probs = probs * common.dropout_scale(p, ctx, head, q_idx, kv_start)
     v = common.load_tile(inputs.v.at[kv_rows, :], kv_in_array, hv_valid)
     acc = acc * correction[:, None] + common.dot(probs.astype(v.dtype), v, p)
     return acc, m_next, l_next
