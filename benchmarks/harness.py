@@ -218,14 +218,20 @@ def _jax_nn(implementation):
 
 
 # name -> make(row, inputs) -> attend(q, k, v), for every implementation
-# compared. "flash_jax" is the portable Triton-backend kernel.
+# compared. "flash_jax" is the portable Triton-backend kernel;
+# "flash_jax_default" is what implementation=None picks (on sm90 the Hopper
+# backend where it takes the call).
 IMPLEMENTATIONS: dict[str, Callable] = {
     "flash_jax": _flash("pallas_triton"),
-    # The Hopper backend, as its own column (sm90 only), and with its
-    # ping-pong schedule (not yet the default: measured against it first).
+    "flash_jax_default": _flash(None),
+    # The Hopper backend, as its own column (sm90 only), with its defaults
+    # and with the ping-pong schedule forced on and off (the default takes
+    # it for head dim 128 only).
     "flash_jax_mosaic": _flash("pallas_mosaic_gpu"),
     "flash_jax_mosaic_pingpong": _flash(
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=True)),
+    "flash_jax_mosaic_no_pingpong": _flash(
+        "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=False)),
     "xla": _jax_nn("xla"),
     "cudnn": _jax_nn("cudnn"),
 }

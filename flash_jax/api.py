@@ -24,9 +24,10 @@ from flash_jax.vjp import flash_attention
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
                     jnp.dtype(jnp.bfloat16))
 IMPLEMENTATIONS = ("pallas_triton", "pallas_mosaic_gpu", "xla", "cudnn")
-# What implementation=None tries, in order. The Mosaic GPU (Hopper) backend
-# joins it, ahead of Triton, once its test class has completed a GPU run.
-AUTO_ORDER = ("pallas_triton", "xla")
+# What implementation=None tries, in order: the Hopper backend on sm90 (it
+# declines everything else, and calls it does not support), the portable
+# Triton backend on sm80+, else the XLA reference.
+AUTO_ORDER = ("pallas_mosaic_gpu", "pallas_triton", "xla")
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -360,10 +361,10 @@ def dot_product_attention(
     local_window_size: ``w`` or ``(left, right)``: query ``i`` attends keys
       ``i - left .. i + right`` (relative to the aligned diagonal), as in
       ``jax.nn``.
-    implementation: None (auto: the Triton Pallas kernels on an NVIDIA
-      sm80+ GPU, the XLA reference elsewhere, with a warning if a GPU call
-      falls back), ``"pallas_triton"``, ``"pallas_mosaic_gpu"`` (Hopper
-      only and opt-in until its GPU test class completes, see README),
+    implementation: None (auto: on sm90 the Hopper Mosaic GPU kernels where
+      they take the call, else the Triton Pallas kernels on an NVIDIA sm80+
+      GPU, else the XLA reference, with a warning if a GPU call falls back
+      to it), ``"pallas_triton"``, ``"pallas_mosaic_gpu"`` (sm90 only),
       ``"xla"``,
       ``"cudnn"`` (`jax.nn`'s cuDNN path), or a sequence tried in order:
       one that cannot take the call raises NotImplementedError internally
@@ -434,7 +435,8 @@ def dot_product_attention(
     except NotImplementedError as e:
       reasons.append(f"{name}: {e}")
       continue
-    if reasons and not explicit and platform.compute_capability() is not None:
+    if (name == "xla" and reasons and not explicit
+        and platform.compute_capability() is not None):
       warnings.warn("flash_jax falls back to the O(T*S)-memory XLA reference: "
                     + "; ".join(reasons), stacklevel=2)
     out, lse = flash_attention(config, call.query, call.key, call.value,

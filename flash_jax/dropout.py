@@ -116,6 +116,10 @@ def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
   if width % KEYS_PER_CALL:
     raise ValueError(f"tile width {width} is not a multiple of "
                      f"{KEYS_PER_CALL}")
+  if isinstance(kv_start, int) and kv_start % KEYS_PER_CALL:
+    # (A traced start is the kernel's block_kv * block: a multiple of 16.)
+    raise ValueError(f"tile start {kv_start} is not a multiple of "
+                     f"{KEYS_PER_CALL}")
   rows = q_idx.shape[0]
   calls = width // KEYS_PER_CALL
   shape = (rows, calls)

@@ -336,6 +336,11 @@ def _run_local(kind: str, config: AttentionConfig, operands: dict,
                     else next(outs) for n in _RESULTS[kind])
   else:
     results = _run_backend(kind, config, operands)
+  if union:
+    # Pallas' Triton outputs carry the union (`varying_like`); Mosaic GPU
+    # kernels' do not, and custom_vjp requires each gradient to vary like
+    # its primal, so the mark is restored here for every backend.
+    results = tuple(None if r is None else _vary(r, union) for r in results)
   if kind == "forward":
     return results
   grads = []

@@ -309,6 +309,17 @@ class AttentionTestBase:
         dropout_rng=jax.random.fold_in(rng, 7), broadcast_dropout=broadcast,
         block_sizes=self.small_tiles)
 
+  def test_broadcast_bias_gradient_with_dropout(self, rng):
+    """dbias of a bias broadcast over the batch (its own kernel, which
+    regenerates the keep mask too) with dropout."""
+    case = Case(2, 97, 113, 4, 2, 64, 64, True, "float32")
+    q, k, v, do = draw_inputs(rng, case)
+    bias = jax.random.normal(jax.random.fold_in(rng, 8), (1, 4, 97, 113),
+                             q.dtype)
+    self.check_against_reference(
+        q, k, v, do, is_causal=True, bias=bias, dropout_rate=0.3,
+        dropout_rng=jax.random.fold_in(rng, 7), block_sizes=self.small_tiles)
+
   def test_soft_cap_with_dropout(self, rng):
     case = Case(2, 65, 80, 4, 1, 64, 64, False, "bfloat16")
     q, k, v, do = draw_inputs(rng, case, scale=3.0)

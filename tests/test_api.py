@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,6 +171,57 @@ def test_auto_implementation_on_cpu_is_xla(qkv, monkeypatch):
   monkeypatch.setattr(api, "flash_attention", record)
   flash_jax.dot_product_attention(*qkv)
   assert chosen == ["xla"]
+
+
+@pytest.mark.parametrize("capability, dtype, expected", [
+    ((9, 0), jnp.bfloat16, "pallas_mosaic_gpu"),
+    ((9, 0), jnp.float32, "pallas_triton"),   # Hopper backend declines f32
+    ((8, 0), jnp.bfloat16, "pallas_triton"),
+])
+def test_auto_implementation_per_gpu(qkv, monkeypatch, capability, dtype,
+                                     expected):
+  """implementation=None takes the Hopper backend on sm90 and the Triton
+  backend elsewhere (or where the Hopper one declines), without warning."""
+  chosen = []
+
+  def record(config, query, *args):
+    chosen.append(config.implementation)
+    raise _Stop  # the kernels themselves cannot run on this machine
+
+  monkeypatch.setattr(flash_jax.platform, "compute_capability",
+                      lambda: capability)
+  monkeypatch.setattr(api, "flash_attention", record)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(_Stop):
+      flash_jax.dot_product_attention(*(x.astype(dtype) for x in qkv[:3]))
+  assert chosen == [expected]
+
+
+def test_auto_implementation_warns_when_a_gpu_call_falls_back_to_xla(
+    qkv, monkeypatch):
+  """On a GPU neither Pallas backend can use (sm70), implementation=None
+  runs the XLA reference and says why."""
+  chosen = []
+
+  def record(config, query, *args):
+    chosen.append(config.implementation)
+    raise _Stop
+
+  monkeypatch.setattr(flash_jax.platform, "compute_capability",
+                      lambda: (7, 0))
+  monkeypatch.setattr(api, "flash_attention", record)
+  with pytest.warns(UserWarning, match="falls back to the O.T.S.-memory XLA "
+                    "reference: pallas_mosaic_gpu: .*sm70.*pallas_triton: "
+                    ".*compute capability 8.0"):
+    with pytest.raises(_Stop):
+      flash_jax.dot_product_attention(*(x.astype(jnp.bfloat16)
+                                        for x in qkv[:3]))
+  assert chosen == ["xla"]
+
+
+class _Stop(Exception):
+  pass
 
 
 def test_reference_matches_jax_nn(qkv):

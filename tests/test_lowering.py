@@ -198,11 +198,14 @@ def test_feature_kernels_lower_for_h100(name):
 MOSAIC_CALL = "mosaic_gpu"
 
 
-def test_ping_pong_changes_the_mosaic_forward_kernel():
-  """BlockSizes(ping_pong=True) reaches the Hopper forward kernel: its
-  consumers meet at a schedule barrier (more barrier arrivals in the
-  kernel's jaxpr); ping_pong=False is the default kernel exactly."""
-  q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+@pytest.mark.parametrize("head_dim, default_is_ping_pong", [
+    (128, True), (100, True), (64, False), (256, False)])
+def test_ping_pong_reaches_the_mosaic_forward_kernel(head_dim,
+                                                      default_is_ping_pong):
+  """BlockSizes(ping_pong=True) gives the Hopper forward kernel whose
+  consumers meet at a schedule barrier (more barrier arrivals in its
+  jaxpr), False the plain one; None picks per padded head dim (on at 128)."""
+  q = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
 
   def kernel_jaxpr(block_sizes):
     config = AttentionConfig(mask=MaskSpec(is_causal=True), scale=0.1,
@@ -211,11 +214,12 @@ def test_ping_pong_changes_the_mosaic_forward_kernel():
     return str(jax.make_jaxpr(lambda q, k, v: flash_attention(
         config, q, k, v, None, MaskArrays())[0])(q, q, q))
 
-  plain = kernel_jaxpr(None)
-  assert kernel_jaxpr(BlockSizes(ping_pong=False)) == plain
+  plain = kernel_jaxpr(BlockSizes(ping_pong=False))
   ping_pong = kernel_jaxpr(BlockSizes(ping_pong=True))
   assert ping_pong.count("barrier_arrive") > plain.count("barrier_arrive")
   assert ping_pong.count("barrier_wait") > plain.count("barrier_wait")
+  default = kernel_jaxpr(None)
+  assert default == (ping_pong if default_is_ping_pong else plain)
 
 
 MOSAIC_CASES = {
@@ -244,7 +248,7 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong):
   config = AttentionConfig(
       mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
       interpret=False, logits_soft_cap=cap,
-      block_sizes=BlockSizes(ping_pong=True) if ping_pong else None)
+      block_sizes=BlockSizes(ping_pong=ping_pong))
   q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
                      head_dim, dtype)
   length = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -263,3 +267,37 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong):
     assert (mosaic_kernels, triton_kernels) == (3, 0)
   else:
     assert (mosaic_kernels, triton_kernels) == (1, 2)
+
+
+@pytest.mark.parametrize("implementation, head_dim", [
+    ("pallas_mosaic_gpu", 128), ("pallas_mosaic_gpu", 64),
+    ("pallas_triton", 128)])
+def test_gradients_lower_inside_shard_map_with_vma(monkeypatch,
+                                                   implementation, head_dim):
+  """Inside ``jax.shard_map`` (check_vma) on two abstract H100s, the
+  forward and backward of each GPU backend keep their operands' varying
+  axes, so ``jax.grad`` of a sharded loss traces and lowers. (Mosaic GPU
+  kernels do not carry the mark Pallas' Triton outputs get from
+  `varying_like`; the sharding layer restores it.)"""
+  from jax.sharding import PartitionSpec as P
+  monkeypatch.setattr(flash_jax.platform, "compute_capability",
+                      lambda: (9, 0))
+  mesh = AbstractMesh((2,), ("x",), abstract_device=H100)
+  batch_split = jax.sharding.NamedSharding(mesh, P("x"))
+  q, k, v = (jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_split)
+             for s in _structs(4, 256, 256, 2, 2, head_dim, head_dim,
+                               jnp.bfloat16))
+
+  def loss(q, k, v):
+    out = flash_jax.dot_product_attention(
+        q, k, v, is_causal=True, implementation=implementation,
+        interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+
+  sharded = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                          in_specs=P("x"), out_specs=P("x"))
+  with jax.sharding.use_abstract_mesh(mesh):
+    text = jax.jit(sharded).trace(q, k, v).lower(
+        lowering_platforms=("cuda",)).as_text()
+  marker = MOSAIC_CALL if implementation == "pallas_mosaic_gpu" else TRITON_CALL
+  assert marker in text

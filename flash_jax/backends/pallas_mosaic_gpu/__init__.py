@@ -1,12 +1,12 @@
 """The Hopper backend, written with Pallas' Mosaic GPU dialect (sm90).
 
-Status: the forward and backward kernels lower for an H100 in CI and ran
-on an H100 and an H200 (2026-11-26): every GPU test of its class that ran
-passed, but the class has not completed a GPU run, so the backend is
-**not** yet in the default implementation order; ask for it with
-``implementation="pallas_mosaic_gpu"``. For head dims above 128 the
-backward runs the Triton backend's kernels on the same residuals (out, lse),
-which the shared residual contract allows.
+Status: the default implementation on sm90 (first in
+``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
+GPU test class passed on an H100 (2026-11-26; with the ping-pong default
+of head dim 128, 1 or 2 of its tests were left unrun, see
+``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
+above 128 the backward runs the Triton backend's kernels on the same
+residuals (out, lse), which the shared residual contract allows.
 
 It takes: causal (either alignment), local windows, padding lengths, GQA/MQA,
 any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
@@ -77,6 +77,20 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
         f"{'no NVIDIA GPU' if cc is None else f'sm{cc[0]}{cc[1]}'}")
 
 
+# Head dims (padded) whose forward runs the ping-pong schedule unless
+# BlockSizes.ping_pong says otherwise. H100, 2026-11-26 (hopper_rows*.md):
+# at 128 it took the forward from 0.70x to 0.87x cuDNN (T=4k) and 0.84x to
+# 0.93x (16k), never slower; at 64 and 256 it changed nothing measurable.
+PING_PONG_HEAD_DIMS = (128,)
+
+
+def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
+  chosen = config.block_sizes.ping_pong if config.block_sizes else None
+  if chosen is None:
+    return padded_head_dim in PING_PONG_HEAD_DIMS
+  return chosen
+
+
 def _params(config: AttentionConfig, query, key):
   batch, q_seq, num_heads, head_dim = query.shape
   padded = _padded_head_dim(head_dim)
@@ -87,7 +101,7 @@ def _params(config: AttentionConfig, query, key):
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
       stages=3 if padded <= 64 else 2,
-      ping_pong=bool(config.block_sizes and config.block_sizes.ping_pong))
+      ping_pong=_ping_pong(config, padded))
 
 
 def _lengths(lengths, batch: int, full: int):
