@@ -466,16 +466,20 @@ class AttentionTestBase:
     expected = self.attend(q, k, v, is_causal=True)[0]
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
 
-  def test_jit_and_vmap(self, rng):
-    case = Case(2, 65, 80, 2, 1, 32, 32, True, "float32")
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_jit_and_vmap(self, rng, dtype):
+    # (bfloat16 too: the Hopper backend declines float32.)
+    case = Case(2, 65, 80, 2, 1, 32, 32, True, dtype)
     q, k, v, _ = draw_inputs(rng, case)
     fn = lambda q, k, v: self.attend(q, k, v, is_causal=True)
     # vmap over an extra leading axis equals a Python loop.
     stacked = [jnp.stack([x, x * 0.5]) for x in (q, k, v)]
     batched = jax.jit(jax.vmap(fn))(*stacked)
     for i in range(2):
-      np.testing.assert_allclose(batched[i], fn(*(x[i] for x in stacked)),
-                                 rtol=1e-6, atol=1e-6)
+      np.testing.assert_allclose(
+          np.asarray(batched[i], np.float32),
+          np.asarray(fn(*(x[i] for x in stacked)), np.float32),
+          rtol=1e-6, atol=1e-6)
 
   def test_checkpoint_policy_saves_residuals(self, rng):
     """Under jax.checkpoint, saving RESIDUAL_NAMES keeps the backward from
