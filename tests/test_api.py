@@ -182,15 +182,7 @@ def test_auto_implementation_per_gpu(qkv, monkeypatch, capability, dtype,
                                      expected):
   """implementation=None takes the Hopper backend on sm90 and the Triton
   backend elsewhere (or where the Hopper one declines), without warning."""
-  chosen = []
-
-  def record(config, query, *args):
-    chosen.append(config.implementation)
-    raise _Stop  # the kernels themselves cannot run on this machine
-
-  monkeypatch.setattr(flash_jax.platform, "compute_capability",
-                      lambda: capability)
-  monkeypatch.setattr(api, "flash_attention", record)
+  chosen = _record_choice_on(monkeypatch, capability)
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     with pytest.raises(_Stop):
@@ -202,15 +194,7 @@ def test_auto_implementation_warns_when_a_gpu_call_falls_back_to_xla(
     qkv, monkeypatch):
   """On a GPU neither Pallas backend can use (sm70), implementation=None
   runs the XLA reference and says why."""
-  chosen = []
-
-  def record(config, query, *args):
-    chosen.append(config.implementation)
-    raise _Stop
-
-  monkeypatch.setattr(flash_jax.platform, "compute_capability",
-                      lambda: (7, 0))
-  monkeypatch.setattr(api, "flash_attention", record)
+  chosen = _record_choice_on(monkeypatch, (7, 0))
   with pytest.warns(UserWarning, match="falls back to the O.T.S.-memory XLA "
                     "reference: pallas_mosaic_gpu: .*sm70.*pallas_triton: "
                     ".*compute capability 8.0"):
@@ -222,6 +206,22 @@ def test_auto_implementation_warns_when_a_gpu_call_falls_back_to_xla(
 
 class _Stop(Exception):
   pass
+
+
+def _record_choice_on(monkeypatch, capability) -> list[str]:
+  """Fakes a GPU of ``capability`` and stops each call at the custom_vjp
+  (the kernels cannot run on this machine); the returned list collects the
+  implementation dispatch chose."""
+  chosen = []
+
+  def record(config, *args):
+    chosen.append(config.implementation)
+    raise _Stop
+
+  monkeypatch.setattr(flash_jax.platform, "compute_capability",
+                      lambda: capability)
+  monkeypatch.setattr(api, "flash_attention", record)
+  return chosen
 
 
 def test_reference_matches_jax_nn(qkv):

@@ -25,9 +25,10 @@ H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def lower_for_h100(fn, *args) -> str:
-  """StableHLO text of ``fn`` lowered for CUDA on an abstract H100."""
-  mesh = AbstractMesh((1,), ("x",), abstract_device=H100)
+def lower_for_h100(fn, *args, mesh: AbstractMesh | None = None) -> str:
+  """StableHLO text of ``fn`` lowered for CUDA on an abstract H100 (or on
+  ``mesh``, a mesh of abstract H100s)."""
+  mesh = mesh or AbstractMesh((1,), ("x",), abstract_device=H100)
   with jax.sharding.use_abstract_mesh(mesh):
     return jax.jit(fn).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
@@ -296,8 +297,6 @@ def test_gradients_lower_inside_shard_map_with_vma(monkeypatch,
 
   sharded = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
                           in_specs=P("x"), out_specs=P("x"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    text = jax.jit(sharded).trace(q, k, v).lower(
-        lowering_platforms=("cuda",)).as_text()
+  text = lower_for_h100(sharded, q, k, v, mesh=mesh)
   marker = MOSAIC_CALL if implementation == "pallas_mosaic_gpu" else TRITON_CALL
   assert marker in text
