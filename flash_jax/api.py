@@ -236,6 +236,7 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
   dropout_rate = _static_number(dropout_rate, "dropout_rate")
   if not 0.0 <= dropout_rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+  dropout.threshold(dropout_rate)   # rejects rates 8-bit draws cannot hold
   seed = None
   if dropout_rate > 0:
     if dropout_rng is None:
@@ -385,9 +386,10 @@ def dot_product_attention(
     logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``
       after scale and bias.
     dropout_rate: probability of dropping each attention probability (after
-      normalisation; kept ones are scaled by ``1 / (1 - rate)``; lse is not
-      dropped). Needs ``dropout_rng``. The mask is
-      `flash_jax.dropout.keep_mask`.
+      normalisation; lse is not dropped), rounded to a multiple of 1/256
+      (`flash_jax.dropout.drop_probability`; nonzero rates below 1/512 are
+      rejected). Kept ones are scaled by ``1 / (1 - that probability)``.
+      Needs ``dropout_rng``. The mask is `flash_jax.dropout.keep_mask`.
     dropout_rng: a JAX PRNG key.
     broadcast_dropout: use one dropout mask for every batch row and head.
     interpret: run Pallas kernels in Pallas interpret mode. Default: True

@@ -5,14 +5,24 @@ seed and those four indices, computed with uint32 operations only, so a
 kernel can regenerate it tile by tile in the backward (it is never stored)
 and `keep_mask` rebuilds it bit for bit outside any kernel.
 
-Contract: one Philox call serves four neighbouring keys,
-``words = philox4x32_10(counter=(j // 4, i, h, b), key=seed)``, and key
-``j`` takes ``words[j % 4]``; the element is kept iff that word is
+Contract: one Philox call serves sixteen neighbouring keys.
+``words = philox4x32_10(counter=(j // 16, i, h, b), key=seed)``; read as
+sixteen little-endian bytes (byte ``k`` of word ``w`` is byte ``4w + k``),
+key ``j`` takes byte ``j % 16``, and the element is kept iff that byte is
 ``>= threshold(rate)``. With broadcast dropout (one mask for every batch row
-and head) ``b = h = 0``. Using all four output words makes the hash a
-quarter of the integer work of one call per element; kernels tile keys in
-multiples of four, so a tile computes ``[rows, width / 4]`` calls and
-interleaves the words (`keep_tile`).
+and head) ``b = h = 0``.
+
+Eight-bit draws are FlashAttention's choice: they make the hash a sixteenth
+of the integer work of one call per element, which matters because ten
+Philox rounds cost about as much as the attention's matrix products. The
+price is resolution: the drop probability is ``rate`` rounded to a multiple
+of 1/256 (`drop_probability`), and kept values are scaled by
+``1 / (1 - drop_probability(rate))`` (`keep_scale`) so that the expectation
+is exact. Rates below 1/512 or from 1 - 1/512 up are rejected rather than
+silently rounded to no dropout or to dropping everything.
+
+Kernels tile keys in multiples of sixteen, so a tile computes ``[rows,
+width / 16]`` calls and interleaves the bytes (`keep_tile`).
 
 Philox: Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as
 1, 2, 3" (SC 2011).
@@ -20,6 +30,7 @@ Philox: Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -28,7 +39,8 @@ import jax.numpy as jnp
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57   # round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85   # key schedule (golden ratio, sqrt(3)-1)
 ROUNDS = 10
-KEYS_PER_CALL = 4                   # one Philox output word per key
+KEYS_PER_CALL = 16                  # four words of four 8-bit draws
+LEVELS = 256                        # values of one 8-bit draw
 
 
 def _u32(x):
@@ -78,40 +90,73 @@ def seed_words(rng) -> jax.Array:
 
 
 def threshold(rate: float) -> int:
-  """Words below this are dropped: ``P(drop) = threshold / 2**32``."""
-  return min(int(round(rate * 2.0**32)), 2**32 - 1)
+  """Draws (bytes) below this are dropped: ``P(drop) = threshold / 256``.
+
+  Raises:
+    ValueError: for a rate outside [0, 1), or one the 8-bit draws cannot
+      represent (it would round to 0 or to 256).
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  levels = math.floor(rate * LEVELS + 0.5)   # round half up
+  if rate > 0 and not 1 <= levels < LEVELS:
+    raise ValueError(
+        f"dropout rate {rate} rounds to {levels}/{LEVELS}: the dropout hash "
+        f"draws 8-bit thresholds, so a nonzero rate must lie in "
+        f"[1/{2 * LEVELS}, 1 - 1/{2 * LEVELS})")
+  return levels
+
+
+def drop_probability(rate: float) -> float:
+  """The probability with which ``rate`` drops an element: ``rate`` rounded
+  to a multiple of 1/256."""
+  return threshold(rate) / LEVELS
+
+
+def keep_scale(rate: float) -> float:
+  """The factor kept probabilities are multiplied by:
+  ``1 / (1 - drop_probability(rate))``, which keeps the expectation exact."""
+  return LEVELS / (LEVELS - threshold(rate))
 
 
 def keep_from_indices(seed, rate: float, batch, head, q_idx, kv_idx):
   """Keep decisions for broadcasting index arrays, one element at a time
-  (the reference form: it computes all four words and picks one)."""
+  (the reference form: it computes all four words and picks a byte)."""
   kv_idx = _u32(kv_idx)
-  words = philox4x32((kv_idx >> 2, q_idx, head, batch), (seed[0], seed[1]))
-  lane = kv_idx & _u32(KEYS_PER_CALL - 1)
+  words = philox4x32((kv_idx >> 4, q_idx, head, batch), (seed[0], seed[1]))
+  lane = (kv_idx >> 2) & _u32(3)
   word = jnp.where(lane == 0, words[0],
                    jnp.where(lane == 1, words[1],
                              jnp.where(lane == 2, words[2], words[3])))
-  return word >= _u32(threshold(rate))
+  draw = (word >> ((kv_idx & _u32(3)) * _u32(8))) & _u32(0xFF)
+  return draw >= _u32(threshold(rate))
 
 
-def interleave_words(words):
-  """``[rows, n]`` words ``(w0, w1, w2, w3)`` -> ``[rows, 4n]`` with column
-  ``4m + r`` from ``w_r[:, m]``, built from two-way stacks on the last axis
-  (the only interleave Pallas' Triton lowering has: ``tt.join``)."""
-  w0, w1, w2, w3 = words
-  rows, n = w0.shape
-  # [m, c, a] = w_{2c + a}: the reshape puts it at column 4m + 2c + a.
-  evens_odds = jnp.stack([jnp.stack([w0, w2], axis=-1),
-                          jnp.stack([w1, w3], axis=-1)], axis=-1)
-  return evens_odds.reshape(rows, KEYS_PER_CALL * n)
+def interleave(pieces):
+  """``2**k`` arrays ``[rows, n]`` -> ``[rows, n * 2**k]`` whose column
+  ``m * 2**k + r`` is ``pieces[r][:, m]``.
+
+  Built from two-way stacks on the last axis (the only interleave Pallas'
+  Triton lowering has: ``tt.join``): stacking the pieces of even and odd
+  ``r`` puts the low bit of ``r`` on the last axis, and recursing on each
+  half orders the higher bits before it, so one reshape finishes the job.
+  """
+  def nested(group):
+    if len(group) == 1:
+      return group[0]
+    return jnp.stack([nested(group[0::2]), nested(group[1::2])], axis=-1)
+
+  rows, n = pieces[0].shape
+  return nested(list(pieces)).reshape(rows, n * len(pieces))
 
 
 def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
               mulhi: MulHi = mulhi_emulated):
   """``[len(q_idx), width]`` keep decisions for the keys ``kv_start +
-  arange(width)`` (the in-kernel form: one Philox call per four keys).
+  arange(width)`` (the in-kernel form: one Philox call per sixteen keys).
 
-  ``kv_start`` and ``width`` must be multiples of four (kernel tiles are).
+  ``kv_start`` and ``width`` must be multiples of sixteen (kernel tiles
+  are).
   """
   if width % KEYS_PER_CALL:
     raise ValueError(f"tile width {width} is not a multiple of "
@@ -123,13 +168,17 @@ def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
   rows = q_idx.shape[0]
   calls = width // KEYS_PER_CALL
   shape = (rows, calls)
-  group = (_u32(kv_start) >> 2) + jnp.arange(calls, dtype=jnp.uint32)
+  group = (_u32(kv_start) >> 4) + jnp.arange(calls, dtype=jnp.uint32)
   counter = (jnp.broadcast_to(group[None, :], shape),
              jnp.broadcast_to(_u32(q_idx)[:, None], shape),
              jnp.broadcast_to(_u32(head), shape),
              jnp.broadcast_to(_u32(batch), shape))
   words = philox4x32(counter, (seed[0], seed[1]), mulhi=mulhi)
-  return interleave_words(words) >= _u32(threshold(rate))
+  # Interleave bytes, not words or booleans: a quarter of the registers
+  # and shared memory of words if the interleave converts layouts.
+  draws = [(word >> (8 * k)).astype(jnp.uint8)
+           for word in words for k in range(4)]
+  return interleave(draws) >= jnp.uint8(threshold(rate))
 
 
 def keep_mask(rng, rate: float, shape: tuple[int, int, int, int], *,
@@ -138,17 +187,16 @@ def keep_mask(rng, rate: float, shape: tuple[int, int, int, int], *,
 
   Args:
     rng: the JAX PRNG key passed as ``dropout_rng``.
-    rate: the dropout rate in [0, 1).
+    rate: the dropout rate in [0, 1) (see `threshold` for the resolution).
     shape: ``(B, N, T, S)``.
     broadcast: one mask for every batch row and head (Flax's
       ``broadcast_dropout``); the result then has shape ``(1, 1, T, S)``.
 
   Returns:
     bool ``[B, N, T, S]``: True where a probability is kept (and scaled by
-    ``1 / (1 - rate)``).
+    `keep_scale` ``(rate)``).
   """
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  threshold(rate)   # validates
   batch, heads, q_seq, kv_seq = shape
   if broadcast:
     batch = heads = 1

@@ -88,8 +88,8 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
         arrays.dropout_seed, config.dropout_rate,
         *(jnp.zeros_like(x) if config.dropout_broadcast else x
           for x in (b_idx, h_idx)), q_idx, kv_idx)
-    probs = jnp.where(keep, probs / jnp.asarray(1 - config.dropout_rate,
-                                                compute_dtype), 0)
+    scale = dropout.keep_scale(config.dropout_rate)
+    probs = jnp.where(keep, probs * jnp.asarray(scale, compute_dtype), 0)
   out = jnp.einsum("bnts,bsnh->btnh", probs.astype(compute_dtype), v,
                    precision=jax.lax.Precision.HIGHEST,
                    preferred_element_type=compute_dtype)

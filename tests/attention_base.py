@@ -337,7 +337,8 @@ class AttentionTestBase:
     kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
     logits = jnp.einsum("btnh,bsnh->bnts", q, kk,
                         precision="highest") / np.sqrt(32)
-    probs = jnp.where(keep, jax.nn.softmax(logits, -1) / (1 - rate), 0)
+    probs = jnp.where(keep, jax.nn.softmax(logits, -1)
+                      * flash_jax.dropout.keep_scale(rate), 0)
     expected = jnp.einsum("bnts,bsnh->btnh", probs, vv, precision="highest")
     np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
 

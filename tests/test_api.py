@@ -117,6 +117,9 @@ def test_bad_block_sizes(field, value):
     (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"\[0, 1\)"),
     (dict(dropout_rate=-0.1, dropout_rng=jax.random.key(0)), r"\[0, 1\)"),
     (dict(dropout_rate=0.1), "needs a dropout_rng"),
+    # 8-bit draws: 0.001 would round to no dropout, 0.999 to dropping all.
+    (dict(dropout_rate=0.001, dropout_rng=jax.random.key(0)), "rounds to 0"),
+    (dict(dropout_rate=0.999, dropout_rng=jax.random.key(0)), "rounds to 256"),
 ])
 def test_bad_feature_arguments_raise_value_error(qkv, kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -194,12 +194,13 @@ class TestDropout:
                                     (np.uint64(a) * b) >> np.uint64(32))
 
   def test_kernel_tile_form_equals_per_element_form(self, rng):
-    """`keep_tile` (one Philox call per four keys, words interleaved as the
-    kernels do) gives the bits of `keep_from_indices` element by element."""
+    """`keep_tile` (one Philox call per sixteen keys, bytes interleaved as
+    the kernels do) gives the bits of `keep_from_indices` element by
+    element."""
     seed = flash_jax.dropout.seed_words(rng)
     q_idx = jnp.arange(37, 37 + 16, dtype=jnp.uint32)
     kept = []
-    for kv_start, width in [(0, 16), (4, 4), (64, 32), (1000, 128)]:
+    for kv_start, width in [(0, 16), (16, 16), (64, 32), (1008, 128)]:
       tile = flash_jax.dropout.keep_tile(seed, 0.5, 3, 5, q_idx, kv_start,
                                          width)
       kv_idx = kv_start + jnp.arange(width, dtype=jnp.uint32)
@@ -210,24 +211,48 @@ class TestDropout:
       kept.append(np.asarray(tile).ravel())
     # 2880 draws (sigma 0.009): 0.04 is 4.3 sigma, a 2e-5 false alarm.
     assert abs(np.concatenate(kept).mean() - 0.5) < 0.04
-    for kv_start, width in [(0, 6), (2, 16)]:
-      with pytest.raises(ValueError, match="multiple of 4"):
+    for kv_start, width in [(0, 8), (4, 16)]:
+      with pytest.raises(ValueError, match="multiple of 16"):
         flash_jax.dropout.keep_tile(seed, 0.5, 0, 0, q_idx, kv_start, width)
 
-  def test_four_keys_share_a_call_one_word_each(self, rng):
-    """Key j takes word j % 4 of the call with counter j // 4."""
+  def test_sixteen_keys_share_a_call_one_byte_each(self, rng):
+    """Key j takes byte j % 16 of the call with counter j // 16, reading
+    the four words as little-endian bytes: a draw d is kept at exactly the
+    rates whose threshold is at most d."""
     seed = flash_jax.dropout.seed_words(rng)
     words = flash_jax.dropout.philox4x32((2, 7, 1, 0), (seed[0], seed[1]))
-    thresholds = [int(w) for w in words]
-    for j in range(8, 12):
-      word = thresholds[j % 4]
-      for rate in (word / 2**32 - 1e-6, word / 2**32 + 1e-6):
-        if not 0 <= rate < 1:
+    draws = np.frombuffer(np.asarray([int(w) for w in words], "<u4")
+                          .tobytes(), np.uint8)
+    for j in range(32, 48):
+      draw = int(draws[j % 16])
+      for levels in (draw, draw + 1):
+        if not 1 <= levels <= 255:
           continue
         kept = bool(flash_jax.dropout.keep_from_indices(
-            seed, rate, jnp.uint32(0), jnp.uint32(1), jnp.uint32(7),
+            seed, levels / 256, jnp.uint32(0), jnp.uint32(1), jnp.uint32(7),
             jnp.uint32(j)))
-        assert kept == (word >= flash_jax.dropout.threshold(rate))
+        assert kept == (draw >= levels)
+
+  def test_interleave_orders_pieces_column_by_column(self, rng):
+    for count in (1, 2, 4, 16):
+      pieces = [jax.random.randint(jax.random.fold_in(rng, r), (3, 5), 0, 99)
+                for r in range(count)]
+      np.testing.assert_array_equal(
+          flash_jax.dropout.interleave(pieces),
+          np.stack(pieces, axis=-1).reshape(3, 5 * count))
+
+  def test_rate_resolution_is_one_256th(self):
+    """Rates round to multiples of 1/256 (half up), kept values scale by the
+    inverse keep probability, and unrepresentable rates raise."""
+    dropout = flash_jax.dropout
+    assert dropout.drop_probability(0.1) == 26 / 256
+    assert dropout.drop_probability(0.5) == 0.5
+    assert dropout.drop_probability(1 / 512) == 1 / 256
+    assert dropout.keep_scale(0.1) == 256 / 230
+    assert dropout.keep_scale(0.0) == 1.0
+    for rate in (0.0019, 0.9981, 1.0, -0.5):
+      with pytest.raises(ValueError, match="rounds to|must be in"):
+        dropout.threshold(rate)
 
   def test_output_equals_reference_fed_the_rebuilt_mask(self, qkv, rng):
     q, k, v, do = qkv
@@ -237,7 +262,8 @@ class TestDropout:
     fn = lambda *a: _attend(*a, is_causal=True, dropout_rate=rate,
                             dropout_rng=rng)
     causal = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None]
-    dropped = lambda p: jnp.where(keep, p / (1 - rate), 0)
+    dropped = lambda p: jnp.where(
+        keep, p * flash_jax.dropout.keep_scale(rate), 0)
     plain = lambda *a: _plain(*a, allowed=causal, probs_fn=dropped)
     out, pull = jax.vjp(fn, q, k, v)
     expected, pull_expected = jax.vjp(plain, q, k, v)
@@ -283,7 +309,8 @@ class TestDropout:
     rate = 0.4
     keep = flash_jax.dropout_keep_mask(rng, rate, (B, N, T, S),
                                        broadcast=True)
-    dropped = lambda p: jnp.where(keep, p / (1 - rate), 0)
+    dropped = lambda p: jnp.where(
+        keep, p * flash_jax.dropout.keep_scale(rate), 0)
     _close(_attend(q, k, v, dropout_rate=rate, dropout_rng=rng,
                    broadcast_dropout=True),
            _plain(q, k, v, probs_fn=dropped))

@@ -291,7 +291,8 @@ class TestDropout:
     highest = jax.lax.Precision.HIGHEST
     probs = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k,
                                       precision=highest) / np.sqrt(8))
-    expected = jnp.einsum("bnts,bsnh->btnh", probs * keep / (1 - self.RATE),
+    expected = jnp.einsum("bnts,bsnh->btnh", probs * keep
+                          * flash_jax.dropout.keep_scale(self.RATE),
                           v, precision=highest)
     np.testing.assert_allclose(out, expected, atol=2e-6, rtol=1e-5)
 

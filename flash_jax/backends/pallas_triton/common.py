@@ -289,7 +289,7 @@ def _mulhi_ptx(a: int, b):
 
 
 def dropout_scale(p: KernelParams, ctx: TileContext, head, q_idx, kv_start):
-  """``keep / (1 - rate)`` for the tile of rows ``q_idx`` and keys
+  """``keep * dropout.keep_scale(rate)`` for the tile of rows ``q_idx`` and keys
   ``kv_start + arange(block_kv)``, from the counter-based hash (the same
   bits `flash_jax.dropout.keep_mask` computes outside)."""
   zero = jnp.uint32(0)
@@ -299,7 +299,8 @@ def dropout_scale(p: KernelParams, ctx: TileContext, head, q_idx, kv_start):
   mulhi = dropout.mulhi_emulated if p.interpret else _mulhi_ptx
   keep = dropout.keep_tile(ctx.seed, p.dropout_rate, batch, head, q_idx,
                            kv_start, p.block_kv, mulhi=mulhi)
-  return jnp.where(keep, jnp.float32(1.0 / (1.0 - p.dropout_rate)), 0.0)
+  return jnp.where(keep, jnp.float32(dropout.keep_scale(p.dropout_rate)),
+                   0.0)
 
 
 def load_seed(seed_ref):
