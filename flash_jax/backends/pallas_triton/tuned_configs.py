@@ -4,9 +4,29 @@ Written by ``benchmarks/autotune.py`` on a live GPU; keys are
 ``"<generation>/h<padded head dim>/<16bit|float32>/<causal|full>"`` and
 values `flash_jax.backends.pallas_triton.tuning.Tiling.as_dict()` dicts.
 Missing keys use `tuning.default_tiling`.
-
-No tuned entries yet: the autotuner has not been run on a GPU (the H100
-device budget of the session that wrote it was spent).
 """
 
-TUNED: dict[str, dict] = {}
+TUNED: dict[str, dict] = {'sm90/h128/16bit/causal': {'dkv': {'block_kv': 64,
+                                    'block_q': 64,
+                                    'num_stages': 2,
+                                    'num_warps': 4},
+                            'dq': {'block_kv': 32,
+                                   'block_q': 128,
+                                   'num_stages': 3,
+                                   'num_warps': 8},
+                            'forward': {'block_kv': 64,
+                                        'block_q': 128,
+                                        'num_stages': 3,
+                                        'num_warps': 8}},
+ 'sm90/h128/16bit/full': {'dkv': {'block_kv': 64,
+                                  'block_q': 64,
+                                  'num_stages': 2,
+                                  'num_warps': 4},
+                          'dq': {'block_kv': 64,
+                                 'block_q': 128,
+                                 'num_stages': 3,
+                                 'num_warps': 8},
+                          'forward': {'block_kv': 64,
+                                      'block_q': 128,
+                                      'num_stages': 3,
+                                      'num_warps': 8}}}
