@@ -176,6 +176,10 @@ def test_autotune_search_and_table(tmp_path):
   assert sizes.block_kv == best.forward.block_kv
   assert sizes.num_warps_dq == best.dq.num_warps
 
+  # The starting tiling is timed first (and kept unless beaten, below).
+  first = [entry for entry in log if entry["kernel"] == "dkv"][0]
+  assert first["tiling"] == start.dkv.__dict__
+
   path = tmp_path / "tuned.py"
   autotune.write_table({"sm90/h128/16bit/causal": best}, str(path))
   spec = importlib.util.spec_from_file_location("tuned", path)
@@ -184,3 +188,41 @@ def test_autotune_search_and_table(tmp_path):
   assert tuning.Tiling.from_dict(
       module.TUNED["sm90/h128/16bit/causal"]) == best
   assert "benchmarks/autotune.py" in module.__doc__
+
+
+def test_autotune_keeps_the_incumbent_unless_beaten_by_the_margin(tmp_path):
+  """A candidate within 3% of the starting tiling is noise and loses; the
+  replay of a saved log applies the same rule."""
+  from benchmarks import autotune
+  from flash_jax.backends.pallas_triton import tuning
+  from flash_jax.backends.pallas_triton.tuning import KernelTiling
+
+  start = tuning.default_tiling(128)
+  close = KernelTiling(64, 64, 4, 3)
+  clear = KernelTiling(64, 64, 4, 2)
+  assert autotune.pick(start.forward, [(start.forward, 1.0), (close, 0.98)]
+                       ) == start.forward
+  assert autotune.pick(start.forward, [(start.forward, 1.0), (clear, 0.9)]
+                       ) == clear
+  # Without a time for the incumbent (it failed), the fastest wins.
+  assert autotune.pick(start.forward, [(close, 0.98), (clear, 0.99)]
+                       ) == close
+
+  times = {("forward", close): 0.98, ("forward", start.forward): 1.0,
+           ("dkv", clear): 0.5, ("dkv", start.dkv): 1.0,
+           ("dq", start.dq): 1.0}
+
+  def fake_time(kernel, tiling):
+    t = getattr(tiling, kernel)
+    if (kernel, t) not in times:
+      raise RuntimeError("not in this test's space")
+    return times[kernel, t]
+
+  spaces = {"forward": [close, start.forward], "dkv": [clear, start.dkv],
+            "dq": [start.dq]}
+  log = []
+  best = autotune.search(start, fake_time, spaces, log)
+  assert best == tuning.Tiling(start.forward, clear, start.dq)
+  record = {"key": "sm90/h128/16bit/full", "start": start.as_dict(),
+            "best": best.as_dict(), "trials": log}
+  assert autotune.replay([record]) == {"sm90/h128/16bit/full": best}

@@ -22,14 +22,20 @@ def resolve(overrides=None, *, head_dim=128, item_bytes=2, causal=False,
       check_resources=check)
 
 
-def test_defaults_fit_the_h100_unchanged():
+@pytest.fixture
+def no_tuned_table(monkeypatch):
+  """Resolution as on a GPU nobody has tuned for."""
+  monkeypatch.setattr(tuned_configs, "TUNED", {})
+
+
+def test_defaults_fit_the_h100_unchanged(no_tuned_table):
   for head_dim in (16, 64, 128, 256):
     assert resolve(head_dim=head_dim) == tuning.default_tiling(head_dim)
     assert resolve(head_dim=head_dim, item_bytes=4) == tuning.default_tiling(
         head_dim, float32=True)
 
 
-def test_tuned_entries_win_over_defaults(monkeypatch):
+def test_tuned_entries_win_over_defaults(no_tuned_table, monkeypatch):
   tuned = Tiling(KernelTiling(64, 128, 4, 2), KernelTiling(64, 64, 4, 2),
                  KernelTiling(64, 64, 4, 2))
   key = tuning.table_key(H100, 128, False, True)
@@ -40,7 +46,8 @@ def test_tuned_entries_win_over_defaults(monkeypatch):
   assert resolve(causal=True, capability=A100) == tuning.default_tiling(128)
 
 
-def test_overrides_apply_per_kernel_and_blocks_clamp_to_the_sequence():
+def test_overrides_apply_per_kernel_and_blocks_clamp_to_the_sequence(
+    no_tuned_table):
   sizes = flash_jax.BlockSizes(block_q=64, block_kv_dq=64, num_warps=4,
                                num_warps_dkv=8, num_stages_dkv=2,
                                num_warps_dq=8)
@@ -50,6 +57,24 @@ def test_overrides_apply_per_kernel_and_blocks_clamp_to_the_sequence():
   assert tiling.dq == KernelTiling(128, 64, 8, 3)
   short = resolve(sizes, seq=20)
   assert short.forward.block_q == 32 and short.dkv.block_kv == 32
+
+
+def test_committed_tuned_entries_fit_and_are_used():
+  """Every entry of the committed table fits its GPU generation as it
+  stands (nothing is shrunk) and is what resolution returns there."""
+  generations = {"sm80": A100, "sm90": H100}
+  assert tuned_configs.TUNED, "the H100 search has been committed"
+  for key, entry in tuned_configs.TUNED.items():
+    generation, head, width, mode = key.split("/")
+    head_dim = int(head[1:])
+    item_bytes = 4 if width == "float32" else 2
+    capability = generations[generation]
+    tiling = Tiling.from_dict(entry)
+    for kernel in ("forward", "dkv", "dq"):
+      assert tuning.check_fits(kernel, getattr(tiling, kernel), head_dim,
+                               head_dim, item_bytes, capability) is None
+    assert resolve(head_dim=head_dim, item_bytes=item_bytes,
+                   causal=mode == "causal", capability=capability) == tiling
 
 
 def test_defaults_shrink_to_fit_smaller_gpus():

@@ -4,6 +4,11 @@ Written by ``benchmarks/autotune.py`` on a live GPU; keys are
 ``"<generation>/h<padded head dim>/<16bit|float32>/<causal|full>"`` and
 values `flash_jax.backends.pallas_triton.tuning.Tiling.as_dict()` dicts.
 Missing keys use `tuning.default_tiling`.
+
+The sm90 entries come from the H100 search logged in
+``benchmarks/results/NVIDIA_H100_80GB_HBM3/autotune_h128.json`` (bf16,
+T = 4096, B = 4, N = 16), each kernel's default kept unless a candidate beat
+it by 3% (``autotune.py --replay`` re-derives them from that log).
 """
 
 TUNED: dict[str, dict] = {'sm90/h128/16bit/causal': {'dkv': {'block_kv': 64,
