@@ -178,12 +178,15 @@ def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
     return jax.lax.broadcasted_iota(
         jnp.uint32, tuple(n if a == axis else 1 for a in range(5)), axis)
 
-  shape = (rows, groups, 1, 4, 1)
+  # The counter words keep their own shapes (call: columns, q: rows, head
+  # and batch: one value). Philox's first rounds multiply words that each
+  # depend on one of them, so only 30 of its 40 products run at the full
+  # [rows, groups, 1, 4, 1] shape. Same bits.
+  one = (1,) * 5
   call = ((kv_start >> 6) + iota(groups, 1)) * _u32(4) + iota(4, 3)
-  counter = (jnp.broadcast_to(call, shape),
-             jnp.broadcast_to(_u32(q_idx)[:, None, None, None, None], shape),
-             jnp.broadcast_to(_u32(head), shape),
-             jnp.broadcast_to(_u32(batch), shape))
+  counter = (call, _u32(q_idx).reshape(rows, 1, 1, 1, 1),
+             jnp.broadcast_to(_u32(head), one),
+             jnp.broadcast_to(_u32(batch), one))
   words = philox4x32(counter, (seed[0], seed[1]), mulhi=mulhi)
   byte = (first_chunk + iota(chunks, 2)) * _u32(2) + iota(2, 4)
   keep = _draw(words, byte) >= _u32(threshold(rate))
