@@ -3,7 +3,8 @@ the in-kernel keep tile swapped in (a profiling probe, not a benchmark row).
 
     python benchmarks/dropout_probe.py [--variants a,b,...] [--seq 4096]
 
-Variants (all at B=4 T=S N=16 H=128 bf16, non-causal, rate 0.1):
+Variants (all at B*T = 16k tokens, B=4 at the default T=S=4096, N=16,
+H=128, bf16, non-causal, rate 0.1):
 
 * ``none``: no dropout (the baseline).
 * ``shipped``: `flash_jax.dropout.keep_tile`: one Philox call per 16 keys in

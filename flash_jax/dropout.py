@@ -19,8 +19,8 @@ kernel can compute each call in the thread that applies its bytes, with no
 data moving between threads. The plain order (key ``j`` takes byte
 ``j % 16`` of call ``j // 16``) needs the bytes of a call spread across a
 row, a layout conversion that cost more than the hash: on an H100 at
-p = 0.1 it measured +70% forward and forward+backward, against +28% and
-+39% with this order (`benchmarks/dropout_probe.py`).
+p = 0.1 (untuned tiles) it measured +70% forward and forward+backward,
+against +28% and +39% with this order (`benchmarks/dropout_probe.py`).
 
 Eight-bit draws are FlashAttention's choice: they make the hash a sixteenth
 of the integer work of one call per element, which matters because ten
@@ -157,9 +157,10 @@ def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
 
   The tile is built as ``[rows, groups, chunks, 4, 2]`` (key ``64 g + 8 c
   + 2 q + e`` at ``[:, g, c, q, e]``) from calls of shape ``[rows, groups,
-  1, 4, 1]`` broadcast over ``c`` and ``e``: Triton then lays the calls out
-  like the accumulator tile they multiply, and the expansion stays in
-  registers.
+  1, 4, 1]`` broadcast over ``c`` and ``e``, which lets Triton lay the
+  calls out like the accumulator tile they multiply and keep the expansion
+  in registers (measured: the forward then costs little more than the hash
+  alone, `benchmarks/dropout_probe.py`).
   """
   if not (width in (16, 32) or width % GROUP == 0):
     raise ValueError(f"tile width {width} must be 16, 32 or a multiple of "

@@ -190,7 +190,7 @@ def test_autotune_search_and_table(tmp_path):
   assert "benchmarks/autotune.py" in module.__doc__
 
 
-def test_autotune_keeps_the_incumbent_unless_beaten_by_the_margin(tmp_path):
+def test_autotune_keeps_the_incumbent_unless_beaten_by_the_margin():
   """A candidate within 3% of the starting tiling is noise and loses; the
   replay of a saved log applies the same rule."""
   from benchmarks import autotune
@@ -226,3 +226,22 @@ def test_autotune_keeps_the_incumbent_unless_beaten_by_the_margin(tmp_path):
   record = {"key": "sm90/h128/16bit/full", "start": start.as_dict(),
             "best": best.as_dict(), "trials": log}
   assert autotune.replay([record]) == {"sm90/h128/16bit/full": best}
+
+
+def test_dropout_probe_variants_keep_their_stated_bits(rng):
+  """The probe's same-bits variants agree with their reference order (so
+  its timings compare like with like); on CPU, with the emulated mulhi."""
+  from benchmarks import dropout_probe as probe
+  from flash_jax import dropout
+
+  seed = dropout.seed_words(rng)
+  q_idx = jnp.arange(5, 37, dtype=jnp.uint32)
+  args = (seed, 0.1, 1, 2, q_idx, 64, 64, dropout.mulhi_emulated)
+  plain = probe.contiguous16(*args)
+  assert plain.shape == (32, 64) and plain.dtype == jnp.bool_
+  for name in ("bools16", "words16", "repeat16", "per_key"):
+    np.testing.assert_array_equal(probe.VARIANTS[name](*args), plain)
+  np.testing.assert_array_equal(
+      probe.VARIANTS["shipped"](*args[:-1]), dropout.keep_tile(*args))
+  for name in ("hash_only", "join_only"):   # timing stand-ins
+    assert probe.VARIANTS[name](*args).shape == (32, 64)

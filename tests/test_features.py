@@ -209,6 +209,10 @@ class TestDropout:
           seed, 0.5, jnp.uint32(3), jnp.uint32(5), q_idx[:, None],
           kv_idx[None, :])
       np.testing.assert_array_equal(tile, expected)
+      # Kernels pass a traced start (block index * width).
+      traced = jax.jit(lambda start, width=width: flash_jax.dropout.keep_tile(
+          seed, 0.5, 3, 5, q_idx, start, width))(jnp.int32(kv_start))
+      np.testing.assert_array_equal(traced, expected)
       kept.append(np.asarray(tile).ravel())
     # 8448 draws (sigma 0.0054): 0.025 is 4.6 sigma, a 4e-6 false alarm.
     assert abs(np.concatenate(kept).mean() - 0.5) < 0.025
