@@ -100,10 +100,7 @@ def _repeated(seed, batch, head, q_idx, kv_start, width, mulhi):
   broadcast along a new minor axis and the byte picked per position."""
   words = _calls(seed, batch, head, q_idx, kv_start, width, mulhi)
   r = jax.lax.broadcasted_iota(jnp.uint32, (1, 1, dropout.KEYS_PER_CALL), 2)
-  w = [x[:, :, None] for x in words]
-  word = jnp.where(r < 4, w[0], jnp.where(r < 8, w[1],
-                                          jnp.where(r < 12, w[2], w[3])))
-  return (word >> ((r & jnp.uint32(3)) * jnp.uint32(8))) & jnp.uint32(0xFF)
+  return dropout.draw_byte([x[:, :, None] for x in words], r)
 
 
 def repeat16(seed, rate, batch, head, q_idx, kv_start, width, mulhi):
@@ -138,11 +135,7 @@ def per_key(seed, rate, batch, head, q_idx, kv_start, width, mulhi):
        jnp.broadcast_to(jnp.asarray(head, jnp.uint32), shape),
        jnp.broadcast_to(jnp.asarray(batch, jnp.uint32), shape)),
       (seed[0], seed[1]), mulhi=mulhi)
-  lane = (kv_idx >> 2) & jnp.uint32(3)
-  word = jnp.where(lane == 0, words[0], jnp.where(
-      lane == 1, words[1], jnp.where(lane == 2, words[2], words[3])))
-  draw = (word >> ((kv_idx & jnp.uint32(3)) * jnp.uint32(8))) & jnp.uint32(
-      0xFF)
+  draw = dropout.draw_byte(words, kv_idx & jnp.uint32(15))
   return draw >= jnp.uint32(dropout.threshold(rate))
 
 

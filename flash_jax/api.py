@@ -234,9 +234,8 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
     if logits_soft_cap <= 0:
       raise ValueError(f"logits_soft_cap must be > 0, got {logits_soft_cap}")
   dropout_rate = _static_number(dropout_rate, "dropout_rate")
-  if not 0.0 <= dropout_rate < 1.0:
-    raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-  dropout.threshold(dropout_rate)   # rejects rates 8-bit draws cannot hold
+  # Rejects rates outside [0, 1) and those 8-bit draws cannot hold.
+  dropout.threshold(dropout_rate)
   seed = None
   if dropout_rate > 0:
     if dropout_rng is None:

@@ -105,7 +105,7 @@ def threshold(rate: float) -> int:
       represent (it would round to 0 or to 256).
   """
   if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+    raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
   levels = math.floor(rate * LEVELS + 0.5)   # round half up
   if rate > 0 and not 1 <= levels < LEVELS:
     raise ValueError(
@@ -127,8 +127,9 @@ def keep_scale(rate: float) -> float:
   return LEVELS / (LEVELS - threshold(rate))
 
 
-def _draw(words, byte):
-  """Byte ``byte`` (0..15, little-endian) of the four words."""
+def draw_byte(words, byte):
+  """Byte ``byte`` (0..15, little-endian) of the four words, as uint32
+  (broadcasting: ``byte`` may vary per element)."""
   word = jnp.where(byte < 4, words[0],
                    jnp.where(byte < 8, words[1],
                              jnp.where(byte < 12, words[2], words[3])))
@@ -143,7 +144,7 @@ def keep_from_indices(seed, rate: float, batch, head, q_idx, kv_idx):
   call = (kv_idx >> 6) * _u32(4) + ((column & _u32(7)) >> 1)
   byte = (column >> 3) * _u32(2) + (column & _u32(1))
   words = philox4x32((call, q_idx, head, batch), (seed[0], seed[1]))
-  return _draw(words, byte) >= _u32(threshold(rate))
+  return draw_byte(words, byte) >= _u32(threshold(rate))
 
 
 def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
@@ -190,7 +191,7 @@ def keep_tile(seed, rate: float, batch, head, q_idx, kv_start, width: int,
              jnp.broadcast_to(_u32(batch), one))
   words = philox4x32(counter, (seed[0], seed[1]), mulhi=mulhi)
   byte = (first_chunk + iota(chunks, 2)) * _u32(2) + iota(2, 4)
-  keep = _draw(words, byte) >= _u32(threshold(rate))
+  keep = draw_byte(words, byte) >= _u32(threshold(rate))
   return keep.reshape(rows, width)
 
 
