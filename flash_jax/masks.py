@@ -52,6 +52,21 @@ def cdiv(a: IntLike, b: int) -> IntLike:
   return (a + b - 1) // b
 
 
+def heavy_first(program: IntLike, num_blocks: int) -> IntLike:
+  """The query block that query-major program ``program`` (forward, dQ) owns.
+
+  The GPU starts programs in the order of their index. Under a causal mask a
+  later query block attends more key blocks, so the last one runs first:
+  the longest programs start early, and the launch ends on short ones
+  instead of a straggler that keeps one SM busy while the others are idle
+  (the "longest processing time first" rule). Any other mask is indifferent
+  to the order. Programs are independent, so results are bitwise the same.
+  Key-major kernels (dK/dV) need no reversal: key block 0 is attended by
+  the most query blocks and already starts first.
+  """
+  return num_blocks - 1 - program
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockRange:
   """A range of blocks ``[lo, hi)`` split as masked ``[lo, full_lo)``,

@@ -188,7 +188,8 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   wg = lax.axis_index("wg")
   block_kv, stages = BLOCK, p.stages
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
-  cta_start = lax.axis_index("q") * (CONSUMERS * BLOCK)
+  # The forward's query tiles, in its order (the last first).
+  cta_start = p.q_tile_of(lax.axis_index("q")) * p.rows_per_cta
   lo, steps = common.shared_range(p.mask.kv_block_range(
       cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, block_kv))
 

@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_jax.backends.pallas_mosaic_gpu import common
-from flash_jax.masks import MaskSpec
+from flash_jax.masks import MaskSpec, heavy_first
 from flash_jax.sharding import varying_like
 
 LOG2_E = math.log2(math.e)
@@ -76,6 +76,19 @@ class ForwardParams:
   def rows_per_cta(self) -> int:
     return CONSUMERS * BLOCK_Q
 
+  def q_tile_of(self, program):
+    """The query tile (of ``rows_per_cta`` rows) a CTA owns: the last first
+    (`flash_jax.masks.heavy_first`)."""
+    return heavy_first(program, -(-self.q_seq // self.rows_per_cta))
+
+  @property
+  def folds_scale(self) -> bool:
+    """Whether the scale may act after the row max (``max(s) * c = max(s *
+    c)`` for ``c > 0``), making ``s * c - m`` one fused multiply-add per
+    element: not with a soft-cap (tanh acts on scaled logits) or a negative
+    scale (the max would become a min)."""
+    return self.logits_soft_cap is None and self.scale > 0
+
 
 def _scaled_logits(s, p: ForwardParams):
   """Logits in log2 units from the raw ``q . k`` accumulator."""
@@ -107,7 +120,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
   wg = lax.axis_index("wg")
   block_kv, stages = p.block_kv, p.stages
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
-  cta_start = lax.axis_index("q") * p.rows_per_cta
+  cta_start = p.q_tile_of(lax.axis_index("q")) * p.rows_per_cta
   lo, steps = common.shared_range(p.mask.kv_block_range(
       cta_start, cta_start + p.rows_per_cta, q_len, kv_len, block_kv))
 
@@ -148,12 +161,17 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(k_free.at[slot])
-      logits = _scaled_logits(s, p)
+      # With folds_scale, logits stay raw scores until the exponent.
+      logits = s if p.folds_scale else _scaled_logits(s, p)
       if masked:
         allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
                                       kv_len)
         logits = jnp.where(allowed, logits, -jnp.inf)
-      m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+      row_max = jnp.max(logits, axis=1)
+      if p.folds_scale:
+        row_max = row_max * (p.scale * LOG2_E)
+        logits = logits * (p.scale * LOG2_E)
+      m_next = jnp.maximum(m_prev, row_max)
       # Rows with nothing attended yet keep m = -inf; shift them by 0 so
       # exp2 gives 0, not NaN.
       m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else \

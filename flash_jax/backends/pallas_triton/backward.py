@@ -138,7 +138,8 @@ def _dq_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   inputs = common.Refs(names, refs[:len(names)])
   (dq_ref,) = refs[len(names):]
   block_q, block_kv = p.block_q, p.block_kv
-  q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  q_block = p.q_block_of(pl.program_id(0))
+  batch, head = pl.program_id(1), pl.program_id(2)
   q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
   kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
   ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
@@ -372,10 +373,12 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
 
   kv_rows = common.round_up(kv_seq, p_dq.block_kv)
   q_spec = lambda width: pl.BlockSpec(
-      (sq, p_dq.block_q, sq, width), lambda i, b, n: (b, i, n, 0))
+      (sq, p_dq.block_q, sq, width),
+      lambda i, b, n: (b, p_dq.q_block_of(i), n, 0))
   whole_kv_spec = lambda width: pl.BlockSpec(
       (sq, kv_rows, sq, width), lambda i, b, n: (b, 0, n // groups, 0))
-  rows_spec = pl.BlockSpec((sq, sq, p_dq.block_q), lambda i, b, n: (b, n, i))
+  rows_spec = pl.BlockSpec((sq, sq, p_dq.block_q),
+                           lambda i, b, n: (b, n, p_dq.q_block_of(i)))
   inputs = common.Inputs()
   inputs.add("q_len", q_len, whole((batch,)))
   inputs.add("kv_len", kv_len, whole((batch,)))

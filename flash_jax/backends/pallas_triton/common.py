@@ -17,7 +17,7 @@ from flash_jax import dropout
 from flash_jax.backends.pallas_triton.tuning import (MIN_BLOCK, KernelTiling,
                                                      next_power_of_two)
 from flash_jax.config import AttentionConfig
-from flash_jax.masks import BlockRange, MaskSpec
+from flash_jax.masks import BlockRange, MaskSpec, heavy_first
 
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
@@ -49,6 +49,12 @@ class KernelParams:
   def groups(self) -> int:
     """Query heads per key/value head (G)."""
     return self.num_heads // self.num_kv_heads
+
+  def q_block_of(self, program):
+    """The query block of a query-major program (forward, dQ): the last
+    first (`flash_jax.masks.heavy_first`). Kernels and index maps agree by
+    both calling this."""
+    return heavy_first(program, -(-self.q_seq // self.block_q))
 
   @property
   def head_dim_padded(self) -> int:
@@ -404,16 +410,16 @@ def list_schedule(blocks_ref, counts_ref, prefix: tuple = ()) -> ListSchedule:
                       counts_ref[(*prefix, 1)])
 
 
-def q_major_pair_spec(x, block_q: int, kv_rows: int):
+def q_major_pair_spec(x, p: KernelParams, kv_rows: int):
   """BlockSpec of a bias/mask ``[Bx, Nx, Tx, Sx]`` (dims 1 or full) for a
-  kernel whose grid is ``(query block, batch, head)`` and that walks the
+  kernel whose grid is ``(query program, batch, head)`` and that walks the
   whole key axis: one query tile by all key rows, broadcast dims kept at 1."""
   b_dim, n_dim, t_dim, s_dim = x.shape
   return pl.BlockSpec(
-      (SQUEEZED, SQUEEZED, block_q if t_dim > 1 else 1,
+      (SQUEEZED, SQUEEZED, p.block_q if t_dim > 1 else 1,
        kv_rows if s_dim > 1 else 1),
       lambda i, b, n: (b if b_dim > 1 else 0, n if n_dim > 1 else 0,
-                       i if t_dim > 1 else 0, 0))
+                       p.q_block_of(i) if t_dim > 1 else 0, 0))
 
 
 def kv_major_pair_spec(x, block_kv: int, q_rows: int, groups: int):
@@ -428,11 +434,12 @@ def kv_major_pair_spec(x, block_kv: int, q_rows: int, groups: int):
                        j if s_dim > 1 else 0))
 
 
-def q_major_list_specs(lists):
-  """BlockSpecs of `flash_jax.block_map.BlockLists` for a ``(query block,
+def q_major_list_specs(lists, p: KernelParams):
+  """BlockSpecs of `flash_jax.block_map.BlockLists` for a ``(query program,
   batch, head)`` grid: one query block's row of key blocks."""
   b_dim, n_dim, _, num_cols = lists.blocks.shape
-  index = lambda i, b, n: (b if b_dim > 1 else 0, n if n_dim > 1 else 0, i, 0)
+  index = lambda i, b, n: (b if b_dim > 1 else 0, n if n_dim > 1 else 0,
+                           p.q_block_of(i), 0)
   return (pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, num_cols), index),
           pl.BlockSpec((SQUEEZED, SQUEEZED, SQUEEZED, 2), index))
 
@@ -461,7 +468,7 @@ def add_q_major_features(inputs: Inputs, p: KernelParams, bias, arrays,
                          kv_rows: int, kv_lists) -> None:
   """Adds the bias, mask, segment-id, dropout-seed and block-list operands
   of a ``(query block, batch, head)`` kernel (forward, dQ)."""
-  q_major = lambda x: q_major_pair_spec(x, p.block_q, kv_rows)
+  q_major = lambda x: q_major_pair_spec(x, p, kv_rows)
   if bias is not None:
     inputs.add("bias", bias, q_major(bias))
   mask = mask_as_int8(arrays.mask)
@@ -469,13 +476,14 @@ def add_q_major_features(inputs: Inputs, p: KernelParams, bias, arrays,
     inputs.add("mask", mask, q_major(mask))
   if arrays.q_segment_ids is not None:
     inputs.add("q_segment_ids", arrays.q_segment_ids.astype(jnp.int32),
-               pl.BlockSpec((SQUEEZED, p.block_q), lambda i, b, n: (b, i)))
+               pl.BlockSpec((SQUEEZED, p.block_q),
+                            lambda i, b, n: (b, p.q_block_of(i))))
     inputs.add("kv_segment_ids", arrays.kv_segment_ids.astype(jnp.int32),
                pl.BlockSpec((SQUEEZED, kv_rows), lambda i, b, n: (b, 0)))
   if p.dropout_rate > 0:
     inputs.add("seed", arrays.dropout_seed, whole_spec((2,)))
   if kv_lists is not None:
-    blocks_spec, counts_spec = q_major_list_specs(kv_lists)
+    blocks_spec, counts_spec = q_major_list_specs(kv_lists, p)
     inputs.add("kv_blocks", kv_lists.blocks, blocks_spec)
     inputs.add("kv_counts", kv_lists.counts, counts_spec)
 

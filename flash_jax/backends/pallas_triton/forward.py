@@ -31,11 +31,20 @@ from flash_jax.backends.pallas_triton.common import KernelParams
 from flash_jax.sharding import varying_like
 
 
+def _fold_scale(p: KernelParams, *, has_bias: bool) -> bool:
+  """Whether the forward may apply the scale after the row max (the Triton
+  fused-attention tutorial's form): only for plain scaled logits, since a
+  bias or soft-cap must act on scaled logits and a negative scale would
+  turn the max into a min."""
+  return not has_bias and p.logits_soft_cap is None and p.scale > 0
+
+
 def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   inputs = common.Refs(names, refs[:len(names)])
   out_ref, lse_ref = refs[len(names):]
   block_q, block_kv = p.block_q, p.block_kv
-  q_block, batch, head = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  q_block = p.q_block_of(pl.program_id(0))
+  batch, head = pl.program_id(1), pl.program_id(2)
   q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
   kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
   ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
@@ -51,6 +60,7 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     q_segment = common.load_vector(inputs.q_segment_ids, q_in_array)
   # An additive bias may hold -inf, so any block can leave a row empty.
   guard_empty_rows = inputs.bias is not None
+  fold = _fold_scale(p, has_bias=inputs.bias is not None)
 
   def step(kv_block, carry, *, masked: bool):
     acc, m_prev, l_prev = carry
@@ -64,10 +74,19 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     bias, allowed = common.q_major_bias_and_mask(
         p, ctx, inputs, head, q_idx, kv_idx, kv_rows, q_in_array,
         kv_in_array, q_segment, masked=masked)
-    logits, _ = common.scores(q, k, p, bias)
+    if fold:
+      # Raw scores; max(s) * c equals max(s * c) for c > 0, so the scale
+      # meets the logits only in the exponent's s * c - m (one fused
+      # multiply-add per element instead of a multiply and a subtract).
+      logits = common.dot(q, k, p, trans_b=True)
+    else:
+      logits, _ = common.scores(q, k, p, bias)
     if masked:
       logits = jnp.where(allowed, logits, -jnp.inf)
-    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
+    row_max = jnp.max(logits, axis=1)
+    if fold:
+      row_max = row_max * p.qk_scale_log2
+    m_next = jnp.maximum(m_prev, row_max)
     m_shift = m_next
     if masked or guard_empty_rows:
       # A row with nothing attended so far keeps m = -inf; shifting by 0
@@ -75,7 +94,10 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
       # stays -inf, so a later block's logits (however negative) set it.
       m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     correction = jnp.exp2(m_prev - m_shift)
-    probs = jnp.exp2(logits - m_shift[:, None])
+    if fold:
+      probs = jnp.exp2(logits * p.qk_scale_log2 - m_shift[:, None])
+    else:
+      probs = jnp.exp2(logits - m_shift[:, None])
     # l sums the undropped probabilities: dropout acts after normalisation
     # and lse stays that of the plain softmax.
     l_next = l_prev * correction + jnp.sum(probs, axis=1)
@@ -128,8 +150,9 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
              whole((batch,)))
   inputs.add("kv_len", common.lengths_or_full(arrays.kv_lengths, batch,
                                               p.kv_seq), whole((batch,)))
-  inputs.add("q", query, pl.BlockSpec((sq, p.block_q, sq, h_pad),
-                                      lambda i, b, n: (b, i, n, 0)))
+  q_tile_spec = lambda width: pl.BlockSpec(
+      (sq, p.block_q, sq, width), lambda i, b, n: (b, p.q_block_of(i), n, 0))
+  inputs.add("q", query, q_tile_spec(h_pad))
   inputs.add("k", key, kv_spec(h_pad))
   inputs.add("v", value, kv_spec(hv_pad))
   common.add_q_major_features(inputs, p, bias, arrays, kv_rows, kv_lists)
@@ -139,9 +162,9 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
       grid=(num_q_blocks, batch, num_heads),
       in_specs=inputs.specs,
       out_specs=[
-          pl.BlockSpec((sq, p.block_q, sq, hv_pad),
-                       lambda i, b, n: (b, i, n, 0)),
-          pl.BlockSpec((sq, sq, p.block_q), lambda i, b, n: (b, n, i)),
+          q_tile_spec(hv_pad),
+          pl.BlockSpec((sq, sq, p.block_q),
+                       lambda i, b, n: (b, n, p.q_block_of(i))),
       ],
       out_shape=varying_like([
           jax.ShapeDtypeStruct((batch, q_seq, num_heads, p.value_head_dim),
