@@ -9,8 +9,11 @@ The two changes:
 * ``heavy_first``: query-major kernels (forward, dQ) own query blocks last
   first (`flash_jax.masks.heavy_first`), so under a causal mask the longest
   programs start first. Off: program ``i`` owns block ``i``.
-* ``fold``: the forward applies the logit scale after the row max, so that
-  ``s * c - m`` is one multiply-add per element. Off: scaled logits first.
+* ``fold``: the Hopper forward applies the logit scale after the row max,
+  so that ``s * c - m`` can be one multiply-add per element
+  (`ForwardParams.folds_scale`). Off: scaled logits first. (The same change
+  in the Triton forward measured no gain on an H100, -3% to +1%, and was
+  dropped: `benchmarks/NOTES.md`, session 6.)
 
 Variants: ``base`` (both off), ``heavy_first``, ``fold``, ``both`` (the
 shipped kernels). A case is ``T`` (non-causal) or ``Tc`` (causal) at
@@ -40,27 +43,22 @@ mosaic_forward = importlib.import_module(
     "flash_jax.backends.pallas_mosaic_gpu.forward")
 triton_common = importlib.import_module(
     "flash_jax.backends.pallas_triton.common")
-triton_forward = importlib.import_module(
-    "flash_jax.backends.pallas_triton.forward")
 
 VARIANTS = {"base": (False, False), "heavy_first": (True, False),
             "fold": (False, True), "both": (True, True)}
 
 _SHIPPED = (triton_common.KernelParams.q_block_of,
             mosaic_forward.ForwardParams.q_tile_of,
-            triton_forward._fold_scale,
             mosaic_forward.ForwardParams.folds_scale)
 
 
 def _set_variant(heavy_first: bool, fold: bool) -> None:
-  q_block_of, q_tile_of, fold_scale, folds_scale = _SHIPPED
+  q_block_of, q_tile_of, folds_scale = _SHIPPED
   identity = lambda self, program: program
   triton_common.KernelParams.q_block_of = (q_block_of if heavy_first
                                            else identity)
   mosaic_forward.ForwardParams.q_tile_of = (q_tile_of if heavy_first
                                             else identity)
-  triton_forward._fold_scale = (fold_scale if fold
-                                else lambda p, has_bias: False)
   mosaic_forward.ForwardParams.folds_scale = (
       folds_scale if fold else property(lambda self: False))
   jax.clear_caches()

@@ -31,14 +31,6 @@ from flash_jax.backends.pallas_triton.common import KernelParams
 from flash_jax.sharding import varying_like
 
 
-def _fold_scale(p: KernelParams, *, has_bias: bool) -> bool:
-  """Whether the forward may apply the scale after the row max (the Triton
-  fused-attention tutorial's form): only for plain scaled logits, since a
-  bias or soft-cap must act on scaled logits and a negative scale would
-  turn the max into a min."""
-  return not has_bias and p.logits_soft_cap is None and p.scale > 0
-
-
 def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   inputs = common.Refs(names, refs[:len(names)])
   out_ref, lse_ref = refs[len(names):]
@@ -60,7 +52,6 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     q_segment = common.load_vector(inputs.q_segment_ids, q_in_array)
   # An additive bias may hold -inf, so any block can leave a row empty.
   guard_empty_rows = inputs.bias is not None
-  fold = _fold_scale(p, has_bias=inputs.bias is not None)
 
   def step(kv_block, carry, *, masked: bool):
     acc, m_prev, l_prev = carry
@@ -74,19 +65,10 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
     bias, allowed = common.q_major_bias_and_mask(
         p, ctx, inputs, head, q_idx, kv_idx, kv_rows, q_in_array,
         kv_in_array, q_segment, masked=masked)
-    if fold:
-      # Raw scores; max(s) * c equals max(s * c) for c > 0, so the scale
-      # meets the logits only in the exponent's s * c - m (one fused
-      # multiply-add per element instead of a multiply and a subtract).
-      logits = common.dot(q, k, p, trans_b=True)
-    else:
-      logits, _ = common.scores(q, k, p, bias)
+    logits, _ = common.scores(q, k, p, bias)
     if masked:
       logits = jnp.where(allowed, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=1)
-    if fold:
-      row_max = row_max * p.qk_scale_log2
-    m_next = jnp.maximum(m_prev, row_max)
+    m_next = jnp.maximum(m_prev, jnp.max(logits, axis=1))
     m_shift = m_next
     if masked or guard_empty_rows:
       # A row with nothing attended so far keeps m = -inf; shifting by 0
@@ -94,10 +76,7 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
       # stays -inf, so a later block's logits (however negative) set it.
       m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next)
     correction = jnp.exp2(m_prev - m_shift)
-    if fold:
-      probs = jnp.exp2(logits * p.qk_scale_log2 - m_shift[:, None])
-    else:
-      probs = jnp.exp2(logits - m_shift[:, None])
+    probs = jnp.exp2(logits - m_shift[:, None])
     # l sums the undropped probabilities: dropout acts after normalisation
     # and lse stays that of the plain softmax.
     l_next = l_prev * correction + jnp.sum(probs, axis=1)
