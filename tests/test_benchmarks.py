@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flash_jax
 from benchmarks import harness, run
 from benchmarks.harness import Comparison, Row
 from flash_jax.masks import MaskSpec
@@ -245,3 +246,36 @@ def test_dropout_probe_variants_keep_their_stated_bits(rng):
       probe.VARIANTS["shipped"](*args[:-1]), dropout.keep_tile(*args))
   for name in ("hash_only", "join_only"):   # timing stand-ins
     assert probe.VARIANTS[name](*args).shape == (32, 64)
+
+
+def test_schedule_probe_switches_each_change_and_restores_them():
+  from benchmarks import schedule_probe as probe
+  triton_params = probe.triton_common.KernelParams
+  mosaic_params = probe.mosaic_forward.ForwardParams
+  shipped = (triton_params.q_block_of, mosaic_params.q_tile_of,
+             mosaic_params.folds_scale)
+  try:
+    probe._set_variant(heavy_first=False, fold=False)
+    assert triton_params.q_block_of(None, 3) == 3
+    assert mosaic_params.q_tile_of(None, 3) == 3
+    assert mosaic_params.folds_scale.fget(None) is False
+  finally:
+    probe._set_variant(heavy_first=True, fold=True)
+  assert (triton_params.q_block_of, mosaic_params.q_tile_of,
+          mosaic_params.folds_scale) == shipped
+
+
+def test_float32_probe_applies_the_tests_error_rule(monkeypatch):
+  """On CPU (interpret mode, full-precision products) the shipped kernels
+  meet the rule; an output off by 1e-3 does not."""
+  from benchmarks import float32_probe as probe
+  from helpers import Case
+  case = Case(1, 17, 33, 2, 1, 32, 32, True, "float32")
+  results = probe._errors(case)
+  assert len(results) == 4 and all(ok for _, _, ok in results)
+  assert all(err > 0 and base > 0 for err, base, _ in results)
+  shipped = flash_jax.dot_product_attention
+  monkeypatch.setattr(flash_jax, "dot_product_attention",
+                      lambda *a, **kw: shipped(*a, **kw) * (1 + 1e-3))
+  out_ok = probe._errors(case)[0][2]
+  assert not out_ok

@@ -199,3 +199,15 @@ def test_empty_ranges_visit_no_block():
   assert r.lo == r.full_lo == r.full_hi == r.hi
   r = MaskSpec(is_causal=True).q_block_range(100, 164, 300, 90, 64)
   assert r.lo == r.hi
+
+
+def test_heavy_first_reverses_the_query_blocks():
+  """Program i owns block n-1-i: a permutation of the blocks, the last
+  (under causal, the longest) first; traced scalars work too."""
+  from flash_jax.masks import heavy_first
+  assert [heavy_first(i, 5) for i in range(5)] == [4, 3, 2, 1, 0]
+  assert int(heavy_first(jnp.int32(1), 3)) == 1
+  spec = MaskSpec(is_causal=True)
+  work = [spec.kv_block_range(b * 64, (b + 1) * 64, 512, 512, 64).hi
+          for b in (heavy_first(i, 8) for i in range(8))]
+  assert work == sorted(work, reverse=True)

@@ -113,6 +113,29 @@ def test_cta_schedule_is_tight_for_causal():
   assert [p[1:] for p in phases] == [(0, 3), (0, 3)]
 
 
+def _params(**overrides):
+  from flash_jax.backends.pallas_mosaic_gpu.forward import ForwardParams
+  fields = dict(batch=1, q_seq=300, kv_seq=300, num_heads=2, num_kv_heads=2,
+                head_dim=128, dtype=jnp.bfloat16, mask=MaskSpec(is_causal=True),
+                scale=0.1, logits_soft_cap=None, block_kv=128, stages=2)
+  return ForwardParams(**{**fields, **overrides})
+
+
+def test_query_tiles_run_last_first():
+  """T=300 makes 3 CTA tiles of 128 rows; CTA 0 owns the last (partial)
+  one, and every tile is owned once."""
+  p = _params()
+  assert [p.q_tile_of(i) for i in range(3)] == [2, 1, 0]
+
+
+def test_scale_folds_only_where_max_commutes_with_it():
+  """The forward moves the scale past the row max only for a positive
+  scale and no soft-cap (tanh acts on scaled logits)."""
+  assert _params().folds_scale
+  assert not _params(logits_soft_cap=30.0).folds_scale
+  assert not _params(scale=-0.1).folds_scale
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_key_major_schedule_of_the_dkv_kernel(seed):
   """dK/dV CTAs own 128 keys; both consumers walk the union of their keys'

@@ -18,7 +18,7 @@ and two consumer warpgroups (64 rows each) run wgmma.
   sums its group in registers. It computes the transposed products (``S^T =
   K Q^T``, ``dP^T = V dO^T``) so that keys are the wgmma M dimension.
 * dQ (query-major): a CTA owns 128 queries of one (batch, head), like the
-  forward, and streams K and V.
+  forward (in its last-first order), and streams K and V.
 
 Rows that attend nothing carry lse = -inf; it is read as +inf so that their
 P is exactly 0.

@@ -11,6 +11,12 @@ warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1):
   online softmax (running max ``m`` and sum ``l``, exp2 with log2(e) folded
   into the scale) in registers.
 
+CTAs own query tiles last first (`flash_jax.masks.heavy_first`): the grid
+launches tile by tile across all heads and batch rows, so in plain order a
+causal launch ended with a wave of its longest CTAs on part of the GPU (the
+order took T=4k causal from 0.66x to 0.98x cuDNN on an H100). Without a
+soft-cap, the scale meets the scores after the row max (``folds_scale``).
+
 Both consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
 no per-consumer schedule; each consumer splits that range by its own rows

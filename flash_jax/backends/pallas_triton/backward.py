@@ -14,7 +14,7 @@ Two kernels avoid atomics, so the backward is bitwise deterministic:
   query heads of its GQA group and over the query blocks that can attend it,
   so a kv head's gradient sums its group inside the kernel.
 * dQ: one program per query block of one (batch, head), looping over key
-  blocks exactly like the forward.
+  blocks exactly like the forward (query blocks last first, as there).
 
 A third kernel, only with a bias, computes dbias = dS tile by tile, summing
 in registers over the batch rows and heads the bias is broadcast over.

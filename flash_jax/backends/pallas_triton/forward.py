@@ -13,6 +13,10 @@ boundary (the causal diagonal, the key tail) pay for element-wise masking.
 Masks a range cannot describe (segment ids, a dense mask, ``mask_fn``) come
 with a block map (`flash_jax.block_map`) listing the blocks to visit.
 
+Programs own query blocks last first (`flash_jax.masks.heavy_first`): under
+a causal mask the longest programs start first, so none straggles at the
+end of the launch (+9% forward at T=16k causal on an H100).
+
 Bias and soft-cap act on the logits of every block; dropout multiplies the
 probabilities by a keep mask regenerated from a counter-based hash
 (`flash_jax.dropout`) after the running sum has taken them undropped.
