@@ -185,10 +185,22 @@ def main():
   parser.add_argument("--replay", metavar="JSON",
                       help="rewrite the table from a saved search log "
                       "instead of searching (no GPU needed)")
+  parser.add_argument("--keys", help="with --replay: only these table keys "
+                      "(comma-separated); a log may hold keys that a later "
+                      "search superseded")
   args = parser.parse_args()
+  if args.keys and not args.replay:
+    parser.error("--keys only applies to --replay")
   if args.replay:
     with open(args.replay) as f:
       entries = replay(json.load(f))
+    if args.keys:
+      wanted = args.keys.split(",")
+      missing = sorted(set(wanted) - set(entries))
+      if missing:
+        parser.error(f"{args.replay} holds no {missing}; it holds "
+                     f"{sorted(entries)}")
+      entries = {key: entries[key] for key in wanted}
     for key, tiling in entries.items():
       print(f"{key}: {tiling}")
     write_table(entries, args.table)

@@ -279,3 +279,30 @@ def test_float32_probe_applies_the_tests_error_rule(monkeypatch):
                       lambda *a, **kw: shipped(*a, **kw) * (1 + 1e-3))
   out_ok = probe._errors(case)[0][2]
   assert not out_ok
+
+
+def test_committed_table_replays_from_its_search_logs(tmp_path, monkeypatch):
+  """Each committed sm90 entry is what ``--replay LOG --keys KEY`` derives
+  from the log its docstring names; ``--keys`` leaves other entries alone."""
+  import os
+  import sys
+  from benchmarks import autotune
+  from flash_jax.backends.pallas_triton import tuned_configs
+  logs = os.path.join(os.path.dirname(autotune.__file__), "results",
+                      "NVIDIA_H100_80GB_HBM3")
+  table = tmp_path / "table.py"
+  for log, key in (("autotune_h128.json", "sm90/h128/16bit/full"),
+                   ("autotune_h128_causal_16k.json",
+                    "sm90/h128/16bit/causal")):
+    monkeypatch.setattr(sys, "argv", [
+        "autotune.py", "--replay", os.path.join(logs, log), "--keys", key,
+        "--table", str(table)])
+    autotune.main()
+    written = {}
+    exec(table.read_text(), written)  # noqa: S102 - our own generated table
+    assert written["TUNED"] == tuned_configs.TUNED, key
+  monkeypatch.setattr(sys, "argv", [
+      "autotune.py", "--replay", os.path.join(logs, "autotune_h128.json"),
+      "--keys", "sm90/h64/16bit/full", "--table", str(table)])
+  with pytest.raises(SystemExit):
+    autotune.main()

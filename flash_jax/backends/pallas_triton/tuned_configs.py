@@ -7,12 +7,13 @@ Missing keys use `tuning.default_tiling`.
 
 The sm90 entries come from H100 searches logged under
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/``, each kernel's incumbent kept
-unless a candidate beat it by 3% (``autotune.py --replay LOG`` re-derives an
-entry from its log): ``h128/16bit/full`` from ``autotune_h128.json`` (bf16,
-T = 4096, B = 4, N = 16); ``h128/16bit/causal`` from
-``autotune_h128_causal_16k.json`` (T = 16384, B = 1, N = 16, searched from
-the T = 4096 entry of ``autotune_h128.json`` as incumbent; only its dQ tile
-changed).
+unless a candidate beat it by 3% (``autotune.py --replay LOG --keys KEY``
+re-derives an entry from its log): ``h128/16bit/full`` from
+``autotune_h128.json`` (bf16, T = 4096, B = 4, N = 16);
+``h128/16bit/causal`` from ``autotune_h128_causal_16k.json`` (T = 16384,
+B = 1, N = 16, searched from the T = 4096 entry of ``autotune_h128.json`` as
+incumbent, which that log's causal record no longer gives; only its dQ
+tile changed).
 """
 
 TUNED: dict[str, dict] = {'sm90/h128/16bit/causal': {'dkv': {'block_kv': 64,
