@@ -2,7 +2,7 @@
 switched off, in one process (a probe, not a benchmark row).
 
     python benchmarks/schedule_probe.py [--variants base,heavy_first,fold,both]
-        [--cases 4096,4096c,16384c] [--implementations pallas_triton,...]
+        [--cases 4096,4096c,16384c] [--implementations flash_jax,...]
 
 The two changes:
 
@@ -79,6 +79,10 @@ def main():
   parser.add_argument("--passes", default="fwd,fwd+bwd")
   args = parser.parse_args()
   modes = tuple(args.passes.split(","))
+  unknown = set(args.variants.split(",")) - set(VARIANTS)
+  if unknown:
+    parser.error(f"unknown variants {sorted(unknown)}; choose from "
+                 f"{list(VARIANTS)}")
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
   print("case     pass     implementation     variant          ms  "
         "cudnn/this", flush=True)
@@ -89,7 +93,7 @@ def main():
         (impl, variant) for impl in args.implementations.split(",")
         for variant in args.variants.split(",")]
     for impl, variant in plan:
-      _set_variant(*VARIANTS.get(variant, (True, True)))
+      _set_variant(*VARIANTS.get(variant, (True, True)))  # cudnn: "-"
       start = time.perf_counter()
       for entry in harness.measure(row, [impl], modes=modes, trials=5):
         mode = entry["pass"]
