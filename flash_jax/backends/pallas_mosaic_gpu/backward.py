@@ -322,7 +322,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
       ],
-      grid=(pl.cdiv(p.q_seq, rows), p.num_heads, p.batch),
+      grid=(p.num_q_tiles, p.num_heads, p.batch),
       grid_names=("q", "heads", "batch"),
   )(*operands)
   return dq, dk, dv

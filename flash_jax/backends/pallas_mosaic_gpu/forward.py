@@ -82,10 +82,15 @@ class ForwardParams:
   def rows_per_cta(self) -> int:
     return CONSUMERS * BLOCK_Q
 
+  @property
+  def num_q_tiles(self) -> int:
+    """Query tiles of ``rows_per_cta`` rows: a query-major grid's size."""
+    return -(-self.q_seq // self.rows_per_cta)
+
   def q_tile_of(self, program):
-    """The query tile (of ``rows_per_cta`` rows) a CTA owns: the last first
+    """The query tile a CTA owns: the last first
     (`flash_jax.masks.heavy_first`)."""
-    return heavy_first(program, -(-self.q_seq // self.rows_per_cta))
+    return heavy_first(program, self.num_q_tiles)
 
   @property
   def folds_scale(self) -> bool:
@@ -251,13 +256,13 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
       plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
   ]
-  num_q_tiles = pl.cdiv(p.q_seq, p.rows_per_cta)
   out_type = [
       jax.ShapeDtypeStruct((p.batch, p.q_seq, p.num_heads, p.head_dim),
                            p.dtype),
       # Padded to whole CTAs: a TMA row stride must be a multiple of 16
       # bytes, which T * 4 need not be.
-      jax.ShapeDtypeStruct((p.batch, p.num_heads, num_q_tiles * p.rows_per_cta),
+      jax.ShapeDtypeStruct((p.batch, p.num_heads,
+                            p.num_q_tiles * p.rows_per_cta),
                            jnp.float32),
   ]
   operands = (q_lengths, kv_lengths, query, key, value)
@@ -265,7 +270,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       functools.partial(_forward_kernel, p=p),
       out_type=varying_like(out_type, *operands),
       scratch_types=scratch,
-      grid=(num_q_tiles, p.num_heads, p.batch),
+      grid=(p.num_q_tiles, p.num_heads, p.batch),
       grid_names=("q", "heads", "batch"),
       num_threads=CONSUMERS + 1,
       thread_name="wg",

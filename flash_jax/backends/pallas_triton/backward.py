@@ -391,7 +391,7 @@ def backward(p_dkv: KernelParams, p_dq: KernelParams, query, key, value, bias,
   common.add_q_major_features(inputs, p_dq, bias, arrays, kv_rows, kv_lists)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, p=p_dq, names=tuple(inputs.names)),
-      grid=(pl.cdiv(q_seq, p_dq.block_q), batch, num_heads),
+      grid=(p_dq.num_q_blocks, batch, num_heads),
       in_specs=inputs.specs,
       out_specs=q_spec(h_pad),
       out_shape=varying_like(jax.ShapeDtypeStruct(query.shape, query.dtype),

@@ -50,11 +50,16 @@ class KernelParams:
     """Query heads per key/value head (G)."""
     return self.num_heads // self.num_kv_heads
 
+  @property
+  def num_q_blocks(self) -> int:
+    """Query blocks of ``block_q`` rows: a query-major kernel's grid size."""
+    return -(-self.q_seq // self.block_q)
+
   def q_block_of(self, program):
     """The query block of a query-major program (forward, dQ): the last
     first (`flash_jax.masks.heavy_first`). Kernels and index maps agree by
     both calling this."""
-    return heavy_first(program, -(-self.q_seq // self.block_q))
+    return heavy_first(program, self.num_q_blocks)
 
   @property
   def head_dim_padded(self) -> int:

@@ -122,7 +122,6 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
   groups = p.groups
   h_pad, hv_pad = p.head_dim_padded, p.value_head_dim_padded
   kv_rows = common.round_up(p.kv_seq, p.block_kv)
-  num_q_blocks = pl.cdiv(q_seq, p.block_q)
   sq = common.SQUEEZED
   whole = common.whole_spec
   kv_spec = lambda width: pl.BlockSpec(
@@ -142,7 +141,7 @@ def forward(p: KernelParams, query, key, value, bias, arrays, kv_lists):
 
   return pl.pallas_call(
       functools.partial(_forward_kernel, p=p, names=tuple(inputs.names)),
-      grid=(num_q_blocks, batch, num_heads),
+      grid=(p.num_q_blocks, batch, num_heads),
       in_specs=inputs.specs,
       out_specs=[
           q_tile_spec(hv_pad),
