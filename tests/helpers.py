@@ -63,6 +63,17 @@ def max_abs_error(actual, expected) -> float:
   return float(np.max(np.abs(actual[finite] - expected[finite])))
 
 
+def flash_errors(actual, oracle, plain, *, relative_floor: float = 1e-5):
+  """``(err(actual), err(plain), floor)`` of FlashAttention's rule (see
+  `assert_flash_close`), errors as max absolute differences from
+  ``oracle``."""
+  err = max_abs_error(actual, oracle)
+  base = max_abs_error(plain, oracle)
+  expected = np.asarray(oracle, np.float64)
+  magnitude = np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0)
+  return err, base, relative_floor * max(1.0, float(magnitude))
+
+
 def assert_flash_close(actual, oracle, plain, *, factor: float, name: str,
                        relative_floor: float = 1e-5):
   """FlashAttention's rule: ``err(actual) <= factor * err(plain) + floor``.
@@ -74,11 +85,8 @@ def assert_flash_close(actual, oracle, plain, *, factor: float, name: str,
   e.g. a single key, where the true gradient is 0 and both computations
   return rounding noise.
   """
-  err = max_abs_error(actual, oracle)
-  base = max_abs_error(plain, oracle)
-  expected = np.asarray(oracle, np.float64)
-  magnitude = np.max(np.abs(expected[np.isfinite(expected)]), initial=0.0)
-  floor = relative_floor * max(1.0, float(magnitude))
+  err, base, floor = flash_errors(actual, oracle, plain,
+                                  relative_floor=relative_floor)
   assert err <= factor * base + floor, (
       f"{name}: error {err:.3e} > {factor} x plain-dtype error {base:.3e} "
       f"+ floor {floor:.1e}")
