@@ -102,6 +102,7 @@ def search(start: Tiling, time_fn: Callable[[str, Tiling], float],
                     "error": f"{type(e).__name__}: {str(e)[:200]}"})
         continue
       log.append({"kernel": kernel, "tiling": t.__dict__, "seconds": seconds})
+      print(f"  {kernel} {t}: {seconds * 1e3:.3f} ms", flush=True)
       trials.append((t, seconds))
     winner = pick(incumbent, trials, margin)
     best = dataclasses.replace(best, **{kernel: winner})
@@ -230,11 +231,12 @@ def main():
                 "trials": key_log})
     entries[key] = best
     print(f"{key}: {best}", flush=True)
-  write_table(entries, args.table)
-  if args.log:
-    os.makedirs(args.log, exist_ok=True)
-    with open(os.path.join(args.log, "autotune.json"), "w") as f:
-      json.dump(log, f, indent=1)
+    # Written after every key, so an interrupted run keeps finished keys.
+    write_table(entries, args.table)
+    if args.log:
+      os.makedirs(args.log, exist_ok=True)
+      with open(os.path.join(args.log, "autotune.json"), "w") as f:
+        json.dump(log, f, indent=1)
   print(f"wrote {len(entries)} entries to {args.table}")
 
 

@@ -4,11 +4,13 @@ kernels.)
 
     python benchmarks/float32_probe.py [--precisions ieee,tf32x3,tf32]
 
-The Triton kernels multiply float32 tiles at full precision (``ieee``: CUDA
-cores, no TF32). This swaps in Triton's other float32 products:
+It swaps Triton's float32 products into the kernels:
 
+* ``ieee``: full precision on CUDA cores (what
+  ``jax.default_matmul_precision("highest")`` selects);
 * ``tf32x3``: three TF32 tensor-core products per tile (``a_hi b_hi + a_hi
-  b_lo + a_lo b_hi``), close to float32 accuracy;
+  b_lo + a_lo b_hi``), close to float32 accuracy: the shipped default since
+  session 7, chosen from this probe's session 6 run;
 * ``tf32``: one TF32 product (10-bit mantissas), what XLA uses for float32
   by default on these GPUs.
 

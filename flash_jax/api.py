@@ -257,7 +257,8 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
   config = AttentionConfig(
       mask=spec, scale=scale, implementation="", logits_soft_cap=logits_soft_cap,
       dropout_rate=dropout_rate,
-      dropout_broadcast=_check_bool(broadcast_dropout, "broadcast_dropout"))
+      dropout_broadcast=_check_bool(broadcast_dropout, "broadcast_dropout"),
+      float32_products=float32_products())
   arrays = MaskArrays(
       q_lengths=_check_lengths(query_seq_lengths, "query_seq_lengths", batch,
                                q_seq),
@@ -268,6 +269,18 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
   return CanonicalCall(query=query, key=key, value=value, bias=bias,
                        arrays=arrays, config=config,
                        had_batch_dim=had_batch_dim)
+
+
+def float32_products() -> str:
+  """How compiled kernels multiply float32 tiles, from the caller's
+  ``jax.default_matmul_precision``: ``"ieee"`` (full precision) under
+  ``"highest"`` or ``"float32"``, else ``"tf32x3"`` (three TF32 products,
+  float32-level accuracy; never the one-pass TF32 XLA defaults to)."""
+  requested = jax.config.jax_default_matmul_precision
+  if requested is not None and str(requested).lower() in ("highest",
+                                                          "float32"):
+    return "ieee"
+  return "tf32x3"
 
 
 def _implementation_order(implementation) -> tuple[tuple[str, ...], bool]:

@@ -127,15 +127,32 @@ def _dense_any_all(mask, block_q: int, block_kv: int):
   """A dense mask ``[Bm, Nm, Tm, Sm]`` (Tm in {1, T}, Sm in {1, S}) as
   ``(any, full)`` bool ``[Bm, Nm, nq or 1, nk or 1]``. Lanes past the array
   count as absent for "any" and as attended for "full" (the padding
-  component already makes tail blocks partial)."""
-  def reduce(fill, op):
-    x = mask
-    if x.shape[2] > 1:
-      x = op(_blocked(x, 2, block_q, fill), axis=3)
-    if x.shape[-1] > 1:
-      x = op(_blocked(x, x.ndim - 1, block_kv, fill), axis=-1)
-    return x
-  return reduce(False, jnp.any), reduce(True, jnp.all)
+  component already makes tail blocks partial).
+
+  One read of the mask: attended pairs are counted per block (first along
+  the contiguous key axis, then over the block's query rows), and a block
+  is full when its count equals its in-array element count. (Separate
+  "any" and "all" reductions read a 64 MiB mask twice per map.)
+  """
+  q_seq, kv_seq = mask.shape[2], mask.shape[3]
+  bq = block_q if q_seq > 1 else 1
+  bkv = block_kv if kv_seq > 1 else 1
+  counts = jnp.sum(_blocked(mask, 3, bkv, False), axis=-1, dtype=jnp.int32)
+  counts = jnp.sum(_blocked(counts, 2, bq, 0), axis=3)
+  in_array = lambda n, b: jnp.minimum(b, n - b * jnp.arange(cdiv(n, b)))
+  size = in_array(q_seq, bq)[:, None] * in_array(kv_seq, bkv)[None, :]
+  return counts > 0, counts == size
+
+
+def _coarsen(any_, full, factor_q: int, factor_kv: int):
+  """``(any, full)`` of fine blocks -> of blocks ``factor_q x factor_kv``
+  times larger (axes of size 1, i.e. broadcast, stay 1). Fine blocks past
+  the array count as absent for "any" and attended for "full"."""
+  for axis, factor in ((2, factor_q), (3, factor_kv)):
+    if any_.shape[axis] > 1 and factor > 1:
+      any_ = jnp.any(_blocked(any_, axis, factor, False), axis=axis + 1)
+      full = jnp.all(_blocked(full, axis, factor, True), axis=axis + 1)
+  return any_, full
 
 
 def _mask_fn_any_all(mask_fn, batch: int, num_heads: int, q_seq: int,
@@ -174,24 +191,50 @@ def block_states(spec: MaskSpec, arrays: MaskArrays, *, batch: int,
   ``arrays.mask``, when given, must be 4-D with dims 1 or full (as
   `flash_jax.api.canonicalize` leaves it).
   """
-  parts = [_range_any_all(spec, arrays.q_lengths, arrays.kv_lengths, q_seq,
-                          kv_seq, block_q, block_kv)]
-  if arrays.q_segment_ids is not None:
-    parts.append(_segment_any_all(arrays.q_segment_ids.astype(jnp.int32),
-                                  arrays.kv_segment_ids.astype(jnp.int32),
-                                  block_q, block_kv))
+  return block_states_for_tiles(
+      spec, arrays, batch=batch, num_heads=num_heads, q_seq=q_seq,
+      kv_seq=kv_seq, tiles=((block_q, block_kv),))[0]
+
+
+def block_states_for_tiles(spec: MaskSpec, arrays: MaskArrays, *,
+                           batch: int, num_heads: int, q_seq: int,
+                           kv_seq: int, tiles) -> list[jax.Array]:
+  """`block_states` for several ``(block_q, block_kv)`` tilings at once.
+
+  The O(T*S) parts (a dense mask, a ``mask_fn``) are evaluated once, at the
+  smallest tile (blocks are powers of two, so it divides every other), and
+  coarsened per tiling; the backward's two maps then cost one read of the
+  mask instead of two.
+  """
+  fine_q = min(bq for bq, _ in tiles)
+  fine_kv = min(bkv for _, bkv in tiles)
+  for bq, bkv in tiles:
+    if bq % fine_q or bkv % fine_kv:
+      raise ValueError(f"tiles {tiles} do not nest (powers of two do)")
+  fine = []
   if arrays.mask is not None:
-    parts.append(_dense_any_all(arrays.mask, block_q, block_kv))
+    fine.append(_dense_any_all(arrays.mask, fine_q, fine_kv))
   if spec.mask_fn is not None:
-    parts.append(_mask_fn_any_all(spec.mask_fn, batch, num_heads, q_seq,
-                                  kv_seq, block_q, block_kv))
-  any_, full = parts[0]
-  for part_any, part_full in parts[1:]:
-    any_, full = any_ & part_any, full & part_full
-  state = jnp.where(full, FULL, jnp.where(any_, PARTIAL, EMPTY))
-  num_q, num_kv = cdiv(q_seq, block_q), cdiv(kv_seq, block_kv)
-  return jnp.broadcast_to(state, state.shape[:2] + (num_q, num_kv)).astype(
-      jnp.int8)
+    fine.append(_mask_fn_any_all(spec.mask_fn, batch, num_heads, q_seq,
+                                 kv_seq, fine_q, fine_kv))
+  states = []
+  for block_q, block_kv in tiles:
+    parts = [_range_any_all(spec, arrays.q_lengths, arrays.kv_lengths,
+                            q_seq, kv_seq, block_q, block_kv)]
+    if arrays.q_segment_ids is not None:
+      parts.append(_segment_any_all(arrays.q_segment_ids.astype(jnp.int32),
+                                    arrays.kv_segment_ids.astype(jnp.int32),
+                                    block_q, block_kv))
+    parts += [_coarsen(*part, block_q // fine_q, block_kv // fine_kv)
+              for part in fine]
+    any_, full = parts[0]
+    for part_any, part_full in parts[1:]:
+      any_, full = any_ & part_any, full & part_full
+    state = jnp.where(full, FULL, jnp.where(any_, PARTIAL, EMPTY))
+    num_q, num_kv = cdiv(q_seq, block_q), cdiv(kv_seq, block_kv)
+    states.append(jnp.broadcast_to(
+        state, state.shape[:2] + (num_q, num_kv)).astype(jnp.int8))
+  return states
 
 
 def lists_from_states(states) -> BlockLists:

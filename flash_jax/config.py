@@ -7,6 +7,9 @@ import dataclasses
 from flash_jax.masks import MaskSpec
 
 
+# How compiled kernels may multiply float32 tiles (AttentionConfig).
+FLOAT32_PRODUCTS = ("tf32x3", "ieee")
+
 # The largest head dim (query/key and value) any backend takes.
 MAX_HEAD_DIM = 256
 
@@ -104,6 +107,13 @@ class AttentionConfig:
     implementation: registered backend name (``"pallas_triton"``, ``"xla"``).
     interpret: run Pallas kernels in interpret mode (CPU testing).
     block_sizes: tiling overrides, or None for the backend's defaults.
+    float32_products: how compiled Pallas kernels multiply float32 tiles:
+      ``"tf32x3"`` (three TF32 tensor-core products per tile, float32-level
+      accuracy by the tests' rule) or ``"ieee"`` (full-precision products
+      on CUDA cores, several times slower). `flash_jax.api.canonicalize`
+      picks ``"ieee"`` under ``jax.default_matmul_precision("highest")``
+      (or ``"float32"``). Interpret mode always multiplies at full
+      precision (CPU XLA has no TF32).
   """
 
   mask: MaskSpec
@@ -114,3 +124,9 @@ class AttentionConfig:
   dropout_broadcast: bool = False
   interpret: bool = False
   block_sizes: BlockSizes | None = None
+  float32_products: str = "tf32x3"
+
+  def __post_init__(self):
+    if self.float32_products not in FLOAT32_PRODUCTS:
+      raise ValueError(f"float32_products must be one of {FLOAT32_PRODUCTS}, "
+                       f"got {self.float32_products!r}")

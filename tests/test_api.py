@@ -247,3 +247,33 @@ def test_reference_matches_jax_nn(qkv):
           q, k, v, implementation="xla", return_residual=True,
           is_causal=causal)[1]
     np.testing.assert_allclose(ours_lse, theirs_lse, rtol=2e-5, atol=2e-5)
+
+
+def test_float32_products_follow_the_default_matmul_precision():
+  """Compiled kernels multiply float32 with three TF32 products unless the
+  caller asks for full precision; interpret mode is always full precision."""
+  from flash_jax.backends.pallas_triton import common
+  q = jnp.ones((1, 4, 1, 8), jnp.float32)
+
+  def products():
+    return flash_jax.api.canonicalize(q, q, q).config.float32_products
+
+  assert products() == "tf32x3"
+  for level in ("highest", "float32"):
+    with jax.default_matmul_precision(level):
+      assert products() == "ieee"
+  with jax.default_matmul_precision("tensorfloat32"):
+    assert products() == "tf32x3"   # Never below tf32x3.
+  params = lambda dtype, interpret, products: common.KernelParams(
+      1, 4, 4, 1, 1, 8, 8, dtype, flash_jax.masks.MaskSpec(), 1.0, 16, 16,
+      4, 2, interpret, float32_products=products)
+  assert (params(jnp.float32, False, "tf32x3").dot_precision
+          == jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+  assert (params(jnp.float32, False, "ieee").dot_precision
+          == jax.lax.Precision.HIGHEST)
+  assert (params(jnp.float32, True, "tf32x3").dot_precision
+          == jax.lax.Precision.HIGHEST)
+  assert params(jnp.bfloat16, False, "tf32x3").dot_precision is None
+  with pytest.raises(ValueError, match="float32_products"):
+    flash_jax.config.AttentionConfig(flash_jax.masks.MaskSpec(), 1.0, "",
+                                     float32_products="tf32")

@@ -172,6 +172,29 @@ def test_block_map_matches_brute_force(seed):
       np.testing.assert_array_equal(full, np.flatnonzero(row == block_map.FULL))
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_maps_of_several_tilings_equal_maps_made_one_at_a_time(seed):
+  """The backward's maps come from one pass at the smallest tile, coarsened
+  (`block_states_for_tiles`); each equals the map computed at its own tile."""
+  rs = np.random.RandomState(100 + seed)
+  batch, heads = int(rs.randint(1, 3)), int(rs.randint(1, 4))
+  q_seq, kv_seq = (int(x) for x in rs.randint(1, 200, size=2))
+  spec = dataclasses.replace(_random_spec(rs, q_seq, kv_seq),
+                             mask_fn=MASK_FNS[seed % len(MASK_FNS)])
+  arrays, _, _ = _dense_everything(spec, rs, batch, heads, q_seq, kv_seq)
+  tiles = [(16, 32), (64, 16), (32, 64)]
+  dims = dict(batch=batch, num_heads=heads, q_seq=q_seq, kv_seq=kv_seq)
+  together = block_map.block_states_for_tiles(spec, arrays, tiles=tiles,
+                                              **dims)
+  for (block_q, block_kv), states in zip(tiles, together):
+    alone = block_map.block_states(spec, arrays, block_q=block_q,
+                                   block_kv=block_kv, **dims)
+    np.testing.assert_array_equal(states, alone)
+  with pytest.raises(ValueError, match="nest"):
+    block_map.block_states_for_tiles(spec, arrays, tiles=[(16, 16), (24, 16)],
+                                     **dims)
+
+
 def test_block_map_is_tight_for_packed_documents():
   """Two documents of 64 tokens, blocks of 32, causal: the cross-document
   blocks are skipped and the off-diagonal in-document block is full."""

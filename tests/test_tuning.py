@@ -81,6 +81,12 @@ def test_defaults_shrink_to_fit_smaller_gpus():
   for capability in (A100, RTX):
     for head_dim in (64, 128, 256):
       for item_bytes in (2, 4):
+        if (capability, head_dim, item_bytes) == (RTX, 256, 4):
+          # Not even 16x16 tiles fit ~100 KiB: the backend declines.
+          with pytest.raises(NotImplementedError, match="smallest tiles"):
+            resolve(head_dim=head_dim, item_bytes=item_bytes,
+                    capability=capability)
+          continue
         tiling = resolve(head_dim=head_dim, item_bytes=item_bytes,
                          capability=capability)
         for kernel in ("forward", "dkv", "dq"):
@@ -124,3 +130,62 @@ def test_warps_alone_shrink_default_tiles_instead_of_raising():
     t = getattr(tiling, kernel)
     assert t.num_warps == 4
     assert tuning.check_fits(kernel, t, 128, 128, 2, H100) is None
+
+
+def _h100_search_trials():
+  """``(kernel, tiling, head_dim, item_bytes, compiled)`` for every trial in
+  the committed H100 autotune logs: what Triton compiled, or refused for
+  shared memory."""
+  import json
+  import os
+  results = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                         "benchmarks", "results", "NVIDIA_H100_80GB_HBM3")
+  trials = []
+  for name in sorted(os.listdir(results)):
+    if not (name.startswith("autotune_") and name.endswith(".json")):
+      continue
+    with open(os.path.join(results, name)) as f:
+      for record in json.load(f):
+        _, head, width, _ = record["key"].split("/")
+        item_bytes = 4 if width == "float32" else 2
+        for trial in record["trials"]:
+          error = trial.get("error", "")
+          if error and "Shared memory" not in error:
+            continue  # Failed for another reason: says nothing here.
+          trials.append((trial["kernel"], KernelTiling(**trial["tiling"]),
+                         int(head[1:]), item_bytes, not error))
+  return trials
+
+
+def test_shared_memory_estimate_agrees_with_the_h100_compiler():
+  """Every tiling the H100 searches compiled passes the estimate, and every
+  one Triton refused for shared memory fails it (the float32 search found
+  the old estimate short by up to 160 KiB)."""
+  trials = _h100_search_trials()
+  assert any(not ok for *_, ok in trials), "the logs hold refused tilings"
+  assert any(b == 4 for *_, b, _ in trials)
+  for kernel, t, head_dim, item_bytes, compiled in trials:
+    fits = tuning.check_fits(kernel, t, head_dim, head_dim, item_bytes,
+                             H100) is None
+    assert fits == compiled, (kernel, t, item_bytes, compiled)
+
+
+def test_backend_declines_a_call_no_tile_can_fit(monkeypatch):
+  """Where even the smallest tiles overflow shared memory, the Triton
+  backend raises NotImplementedError when asked, so the dispatcher falls
+  through instead of handing Triton a kernel it cannot compile."""
+  from flash_jax import api, backends
+  monkeypatch.setattr(flash_jax.platform, "triton_gpu_unsupported_reason",
+                      lambda: None)
+  monkeypatch.setattr(flash_jax.platform, "compute_capability", lambda: RTX)
+  backend = backends.get("pallas_triton")
+  for dtype, declines in ((jnp.float32, True), (jnp.bfloat16, False)):
+    q = jnp.ones((1, 64, 1, 256), dtype)
+    call = api.canonicalize(q, q, q)
+    check = lambda: backend.check_supported(call.config, q, q, q, None,
+                                            call.arrays)
+    if declines:
+      with pytest.raises(NotImplementedError, match="smallest tiles"):
+        check()
+    else:
+      check()

@@ -17,6 +17,7 @@ This package imports no Flax itself; the two module files do.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -54,24 +55,32 @@ def as_bool_mask(mask) -> jax.Array | None:
   return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def _check_precision(precision) -> None:
-  """Accepts the precisions flash_jax meets; raises for the others.
+def _wants_full_precision(precision) -> bool:
+  """Checks ``precision``; True if it asks for full float32 products.
 
-  The kernels multiply float32 inputs at full float32 precision (no TF32)
-  and bfloat16/float16 inputs exactly with float32 accumulation, which
-  meets every `jax.lax.Precision` level. A `jax.lax.DotAlgorithm` or
-  preset pins an algorithm the kernels do not take: refused.
+  The kernels multiply bfloat16/float16 inputs exactly with float32
+  accumulation, and float32 inputs with three TF32 products (float32-level
+  accuracy), which meets every `jax.lax.Precision` level below HIGHEST.
+  HIGHEST (or ``"highest"`` / ``"float32"``) switches float32 inputs to
+  full-precision products. A `jax.lax.DotAlgorithm` or preset pins an
+  algorithm the kernels do not take: refused.
   """
   levels = precision if isinstance(precision, (tuple, list)) else (precision,)
+  full = False
   for level in levels:
-    if level is None or isinstance(level, jax.lax.Precision):
+    if level is None:
+      continue
+    if isinstance(level, jax.lax.Precision):
+      full |= level == jax.lax.Precision.HIGHEST
       continue
     if isinstance(level, str) and level.lower() in _PRECISION_NAMES:
+      full |= level.lower() in ("highest", "float32")
       continue
     raise ValueError(
         f"flash_jax attention_fn cannot honour precision={precision!r}: it "
-        "takes None or jax.lax.Precision levels (float32 inputs are always "
-        "multiplied at full precision), not a dot algorithm")
+        "takes None or jax.lax.Precision levels (HIGHEST gives float32 "
+        "inputs full-precision products), not a dot algorithm")
+  return full
 
 
 def _flatten_batch(x, name: str, batch_shape: tuple[int, ...], rank: int):
@@ -130,9 +139,10 @@ def make_attention_fn(**flash_kwargs) -> Callable[..., jax.Array]:
       same distribution, different draws.
     - ``dtype``: q, k, v are cast to it (else promoted to a common dtype,
       as Flax does); the output has that dtype.
-    - ``precision``: None or any `jax.lax.Precision` level (or a pair),
-      all met, since float32 inputs are multiplied at full precision; a
-      dot algorithm raises. ``force_fp32_for_softmax`` is always honoured
+    - ``precision``: None or any `jax.lax.Precision` level (or a pair).
+      Float32 inputs are multiplied with three TF32 products (float32-level
+      accuracy), or at full precision under HIGHEST; a dot algorithm
+      raises. ``force_fp32_for_softmax`` is always honoured
       (the softmax statistics are float32).
     - ``is_causal`` (nnx passes it): causal if either it or the fixed
       ``is_causal`` is True.
@@ -190,7 +200,7 @@ def make_attention_fn(**flash_kwargs) -> Callable[..., jax.Array]:
           "flash_jax attention_fn applies no rotary embedding, so it cannot "
           "take input_positions; apply flash_jax.flax.apply_rope to query "
           "and key first, or use FlashMultiHeadAttention(rope_base=...)")
-    _check_precision(precision)
+    full_precision = _wants_full_precision(precision)
     if isinstance(deterministic, jax.core.Tracer):
       raise ValueError("deterministic must be a static bool, not traced")
 
@@ -234,12 +244,14 @@ def make_attention_fn(**flash_kwargs) -> Callable[..., jax.Array]:
     if use_dropout and dropout_rng is None:
       raise ValueError("dropout_rate > 0 with deterministic=False needs a "
                        "dropout_rng")
-    out = dot_product_attention(
-        query, key, value, bias=bias, mask=mask,
-        is_causal=bool(fixed_causal or is_causal),
-        dropout_rate=dropout_rate if use_dropout else 0.0,
-        dropout_rng=dropout_rng if use_dropout else None,
-        broadcast_dropout=bool(broadcast_dropout), **fixed)
+    with (jax.default_matmul_precision("highest") if full_precision
+          else contextlib.nullcontext()):
+      out = dot_product_attention(
+          query, key, value, bias=bias, mask=mask,
+          is_causal=bool(fixed_causal or is_causal),
+          dropout_rate=dropout_rate if use_dropout else 0.0,
+          dropout_rng=dropout_rng if use_dropout else None,
+          broadcast_dropout=bool(broadcast_dropout), **fixed)
     if rank > 4:
       out = out.reshape(batch_shape + out.shape[1:])
     return out

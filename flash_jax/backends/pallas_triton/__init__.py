@@ -42,24 +42,31 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
     if reason:
       raise NotImplementedError(f"{NAME}: {reason} (pass interpret=True to run "
                                 "it in Pallas interpret mode)")
+    _tiling(config, query, key, value)  # Raises if no tile fits this GPU.
 
 
-def _states(config: AttentionConfig, query, key, arrays, block_q: int,
-            block_kv: int):
-  return block_map.block_states(
+def _states(config: AttentionConfig, query, key, arrays, *tiles):
+  """Block states (`flash_jax.block_map`) per ``KernelTiling`` in ``tiles``."""
+  return block_map.block_states_for_tiles(
       config.mask, arrays, batch=query.shape[0], num_heads=query.shape[2],
-      q_seq=query.shape[1], kv_seq=key.shape[1], block_q=block_q,
-      block_kv=block_kv)
+      q_seq=query.shape[1], kv_seq=key.shape[1],
+      tiles=[(t.block_q, t.block_kv) for t in tiles])
 
 
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
-  tiling = _tiling(config, query, key, value).forward
+  tilings = _tiling(config, query, key, value)
+  tiling = tilings.forward
   params = _common.kernel_params(config, query, key, value, tiling)
   kv_lists = None
   if block_map.needs_map(config.mask, arrays):
+    # Evaluated at the backward's tiles too, although only the forward's
+    # map is used: the O(T*S) pass over a dense mask or mask_fn is then the
+    # same computation as the backward's, and XLA's CSE keeps one when
+    # both passes are in one program (the rest is dead code).
     kv_lists = block_map.kv_lists(_states(config, query, key, arrays,
-                                          tiling.block_q, tiling.block_kv))
+                                          tiling, tilings.dkv,
+                                          tilings.dq)[0])
   return _forward.forward(params, query, key, value, bias, arrays, kv_lists)
 
 
@@ -71,14 +78,13 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   params_dkv = _common.kernel_params(config, query, key, value, tiling.dkv)
   params_dq = _common.kernel_params(config, query, key, value, tiling.dq)
   q_lists = kv_lists = dq_states = None
-  if block_map.needs_map(config.mask, arrays) or bias is not None:
-    dq_states = _states(config, query, key, arrays, tiling.dq.block_q,
-                        tiling.dq.block_kv)
   if block_map.needs_map(config.mask, arrays):
-    q_lists = block_map.q_lists(_states(config, query, key, arrays,
-                                        tiling.dkv.block_q,
-                                        tiling.dkv.block_kv))
+    dkv_states, dq_states = _states(config, query, key, arrays, tiling.dkv,
+                                    tiling.dq)
+    q_lists = block_map.q_lists(dkv_states)
     kv_lists = block_map.kv_lists(dq_states)
+  elif bias is not None:
+    dq_states, = _states(config, query, key, arrays, tiling.dq)
   return _backward.backward(params_dkv, params_dq, query, key, value, bias,
                             arrays, out, lse, dout, dlse, q_lists=q_lists,
                             kv_lists=kv_lists, dbias_states=dq_states)

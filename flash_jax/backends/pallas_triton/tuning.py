@@ -15,7 +15,8 @@ Resolution order for one call:
 
 The estimates are deliberately simple (pipelined tiles plus one score tile
 in shared memory; float32 accumulators in registers) and err on the large
-side.
+side; the float32 shared-memory estimate is fitted to what Triton asked for
+in an H100 search (`_estimates`).
 """
 
 from __future__ import annotations
@@ -85,15 +86,17 @@ def table_key(capability, head_dim_padded: int, float32: bool,
 def default_tiling(head_dim_padded: int, float32: bool = False) -> Tiling:
   """Untuned defaults for sm80/sm90-class GPUs, by padded head dim.
 
-  float32 gets smaller tiles: its dots run at full precision on CUDA cores
-  (no TF32), where big tiles buy little and cost registers and compile time.
+  float32 gets smaller tiles: its tiles take twice the shared memory. The
+  h<=128 forward tile is the float32 autotune's pick on an H100 (T=2048,
+  both causal modes: 6.9 against 10.4 ms non-causal; the backward tiles
+  below were not beaten, as no larger one fits).
   """
   if float32:
     if head_dim_padded <= 128:
-      return Tiling(KernelTiling(64, 32, 4, 2), KernelTiling(32, 64, 8, 2),
+      return Tiling(KernelTiling(128, 32, 8, 3), KernelTiling(32, 64, 8, 2),
                     KernelTiling(64, 32, 4, 2))
     return Tiling(KernelTiling(32, 32, 4, 2), KernelTiling(16, 32, 8, 2),
-                  KernelTiling(32, 32, 4, 2))
+                  KernelTiling(32, 16, 4, 2))
   if head_dim_padded <= 64:
     return Tiling(KernelTiling(128, 64, 4, 3), KernelTiling(32, 128, 4, 3),
                   KernelTiling(128, 32, 4, 3))
@@ -120,8 +123,17 @@ def _estimates(kernel: str, t: KernelTiling, head_dim: int, value_dim: int,
     resident = bq * (head_dim + (value_dim if kernel == "dq" else 0))
     width = value_dim if kernel == "forward" else head_dim
     accumulators = bq * width + (2 if kernel == "forward" else 3) * bq * bkv
-  # Plus one probability tile re-laid out as a dot operand.
-  shared = item_bytes * (streamed + resident + bq * bkv)
+  if item_bytes == 4:
+    # float32 tiles (TF32x3 products), fitted to the session 7 float32
+    # autotune log on an H100: equal to the bytes Triton requested for 11
+    # of its 12 refused tilings (16 KiB over for the 12th) and passing the
+    # 13 it compiled. The tiles held across the loop are staged twice, and
+    # the dK/dV kernel's transposed P and dS operands add 4 * bq * bkv.
+    extra = 4 * bq * bkv + 128 if kernel == "dkv" else 0
+    shared = item_bytes * (streamed + 2 * resident + extra)
+  else:
+    # Plus one probability tile re-laid out as a dot operand.
+    shared = item_bytes * (streamed + resident + bq * bkv)
   return shared, accumulators / threads
 
 
@@ -145,8 +157,15 @@ def check_fits(kernel: str, t: KernelTiling, head_dim: int, value_dim: int,
 def _shrink(kernel, t: KernelTiling, head_dim, value_dim, item_bytes,
             capability) -> KernelTiling:
   """Fewer stages, then halved key blocks, then halved query blocks, until
-  the tiles fit (for defaults and tuned entries only)."""
-  while check_fits(kernel, t, head_dim, value_dim, item_bytes, capability):
+  the tiles fit (for defaults and tuned entries only).
+
+  Raises:
+    NotImplementedError: if even the smallest tiles cannot fit (float32 at
+      head dim 256 on a GPU with ~100 KiB of shared memory), so that the
+      call falls through to another backend instead of failing to compile.
+  """
+  while reason := check_fits(kernel, t, head_dim, value_dim, item_bytes,
+                             capability):
     if t.num_stages > 1:
       t = dataclasses.replace(t, num_stages=t.num_stages - 1)
     elif t.block_kv > MIN_BLOCK:
@@ -154,7 +173,8 @@ def _shrink(kernel, t: KernelTiling, head_dim, value_dim, item_bytes,
     elif t.block_q > MIN_BLOCK:
       t = dataclasses.replace(t, block_q=t.block_q // 2)
     else:
-      break
+      raise NotImplementedError(f"pallas_triton: even the smallest tiles "
+                                f"cannot fit: {reason}")
   return t
 
 
