@@ -416,6 +416,12 @@ def dot_product_attention(
   NaN. (`jax.nn` also gives 0 for padded queries, but averages the values
   on a row whose keys are all masked, and its lse there is a large negative
   number rather than -inf.)
+
+  Float32 inputs: the compiled Pallas kernels multiply their tiles as three
+  TF32 tensor-core products (float32-level accuracy, where XLA's default
+  is one TF32 product); under ``jax.default_matmul_precision("highest")``
+  (or ``"float32"``) they use full-precision products, several times
+  slower. Accumulation and the softmax statistics are float32 throughout.
   """
   call = canonicalize(
       query, key, value, bias=bias, mask=mask, scale=scale,

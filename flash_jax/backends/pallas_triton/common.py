@@ -80,8 +80,8 @@ class KernelParams:
   def dot_precision(self):
     """The tile products' precision: 16-bit inputs are exact in float32
     accumulation; float32 ones get three TF32 tensor-core products (as
-    accurate as full precision by the tests' rule, and 6-7x faster on an
-    H100) unless the config asks for ``"ieee"``. Interpret mode runs on
+    accurate as full precision by the tests' rule, and 7-10x faster on an
+    H100: `suite_dtypes_s7.md`) unless the config asks for ``"ieee"``. Interpret mode runs on
     CPU XLA, which has no TF32: full precision."""
     if jnp.dtype(self.dtype) != jnp.float32:
       return None
