@@ -306,3 +306,38 @@ def test_committed_table_replays_from_its_search_logs(tmp_path, monkeypatch):
       "--keys", "sm90/h64/16bit/full", "--table", str(table)])
   with pytest.raises(SystemExit):
     autotune.main()
+
+
+def test_sparse_probe_times_the_maps_the_backend_uses():
+  """The probe's map-only program computes the same visiting lists as the
+  Triton backend does for a masked call (so its split of the time is the
+  backend's)."""
+  from benchmarks import sparse_probe
+  from flash_jax import api, block_map
+  from flash_jax.backends import pallas_triton
+  row = dataclasses.replace(Row(1, 256, 256, 2, 2, 64, False), sparsity=0.7)
+  inputs = harness.draw(row)
+  call = api.canonicalize(inputs.q, inputs.k, inputs.v, mask=inputs.mask)
+  tiling = pallas_triton._tiling(call.config, call.query, call.key,
+                                 call.value)
+  (blocks, counts), = sparse_probe._maps_fn(
+      call, [(tiling.forward, False)])(call.arrays.mask)
+  expected = block_map.kv_lists(pallas_triton._states(
+      call.config, call.query, call.key, call.arrays, tiling.forward,
+      tiling.dkv, tiling.dq)[0])
+  np.testing.assert_array_equal(counts, expected.counts)
+  np.testing.assert_array_equal(blocks, expected.blocks)
+  assert 0 < int(counts[..., 1].sum()) < counts.shape[2] * blocks.shape[-1]
+
+
+def test_backward_probe_counts_the_products_each_kernel_performs():
+  """7 products per tile in the Hopper backward (4 in dK/dV, 3 in dQ)
+  against FlashAttention's 5 (2.5x the forward's 2); causal halves all."""
+  from benchmarks import backward_probe
+  row = Row(2, 64, 32, 3, 3, 16, False)
+  one = 2.0 * 2 * 3 * 64 * 32 * 16
+  assert backward_probe._products_flops(row, 2) == 2 * one
+  assert backward_probe._products_flops(row, 7) == 3.5 * (
+      backward_probe._products_flops(row, 2))
+  causal = dataclasses.replace(row, is_causal=True)
+  assert backward_probe._products_flops(causal, 4) == 2 * one

@@ -1,0 +1,130 @@
+"""Where does the Hopper backward's time go? (A probe, not a benchmark row.)
+
+    python benchmarks/backward_probe.py [--rows 4k,4k-causal,16k,16k-causal]
+
+The Hopper backend's backward is two kernels with no atomics (see
+`flash_jax.backends.pallas_mosaic_gpu.backward`): dK/dV recomputes the
+scores and dP and forms dV and dK (4 matrix products per tile), dQ
+recomputes both again and forms dQ (3 products). That is 7 products per tile
+against the 5 that FlashAttention's count (2.5x the forward) assumes. This
+times, for bf16 head dim 128 rows and in one process:
+
+* the Hopper forward, backward, and each backward kernel alone (the other's
+  outputs unused, so XLA drops it; the two alone should sum to about the
+  backward);
+* cuDNN's forward and forward+backward, whose difference is its backward.
+
+TFLOP/s are given both by FlashAttention's count (backward = 2.5x the
+forward's 4*B*N*T*S*H, halved for causal) and by the products each kernel
+really performs. Nothing here changes the shipped code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from flash_jax import api  # noqa: E402
+
+ROWS = {
+    "4k": harness.Row(4, 4096, 4096, 16, 16, 128, False),
+    "4k-causal": harness.Row(4, 4096, 4096, 16, 16, 128, True),
+    "16k": harness.Row(1, 16384, 16384, 16, 16, 128, False),
+    "16k-causal": harness.Row(1, 16384, 16384, 16, 16, 128, True),
+}
+
+
+def _products_flops(row: harness.Row, products: int) -> float:
+  """FLOPs of ``products`` [T, S] x H matrix products over the row."""
+  flops = 2.0 * row.batch * row.num_heads * row.q_seq * row.kv_seq
+  flops *= row.head_dim * products
+  return flops / 2 if row.is_causal else flops
+
+
+def _hopper_parts(row: harness.Row, inputs: harness.Inputs):
+  """name -> (jitted fn, args) for the Hopper forward and backward parts."""
+  from flash_jax.backends import pallas_mosaic_gpu as hopper
+  call = api.canonicalize(inputs.q, inputs.k, inputs.v,
+                          is_causal=row.is_causal)
+  config = dataclasses.replace(call.config,
+                               implementation="pallas_mosaic_gpu")
+  arrays = call.arrays
+  forward = jax.jit(lambda q, k, v: hopper.forward(config, q, k, v, None,
+                                                   arrays))
+  out, lse = forward(inputs.q, inputs.k, inputs.v)
+
+  def backward(select):
+    def run(q, k, v, out, lse, do):
+      grads = hopper.backward(config, q, k, v, None, arrays, out, lse, do,
+                              jnp.zeros_like(lse))
+      return select(grads)
+    return jax.jit(run)
+
+  args = (inputs.q, inputs.k, inputs.v, out, lse, inputs.do)
+  return {
+      "forward": (forward, (inputs.q, inputs.k, inputs.v)),
+      "backward": (backward(lambda g: g[:3]), args),
+      "dK/dV kernel alone": (backward(lambda g: g[1:3]), args),
+      "dQ kernel alone": (backward(lambda g: g[0]), args),
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--rows", default=",".join(ROWS))
+  args = parser.parse_args()
+  for name in args.rows.split(","):
+    row = ROWS[name]
+    inputs = harness.draw(row)
+    qkvd = (inputs.q, inputs.k, inputs.v, inputs.do)
+    forward_flops = _products_flops(row, 2)
+    counted = {"forward": forward_flops, "backward": 2.5 * forward_flops}
+    performed = {"forward": forward_flops,
+                 "backward": _products_flops(row, 7),
+                 "dK/dV kernel alone": _products_flops(row, 4),
+                 "dQ kernel alone": _products_flops(row, 3)}
+    print(f"{name}: B={row.batch} T={row.q_seq} N={row.num_heads} "
+          f"H={row.head_dim} causal={row.is_causal}")
+    times = {}
+    try:
+      parts = _hopper_parts(row, inputs)
+    except Exception as e:  # noqa: BLE001 - a probe reports and goes on
+      print(f"  hopper: {type(e).__name__}: {str(e)[:200]}")
+      parts = {}
+    for part, (fn, fn_args) in parts.items():
+      try:
+        times[part] = harness.time_call(fn, fn_args)
+      except Exception as e:  # noqa: BLE001
+        print(f"  {part}: {type(e).__name__}: {str(e)[:200]}")
+    try:
+      cudnn = harness.IMPLEMENTATIONS["cudnn"](row, inputs)
+      times["cudnn forward"] = harness.time_call(harness.forward_fn(cudnn),
+                                                 qkvd)
+      times["cudnn backward"] = harness.time_call(
+          harness.forward_backward_fn(cudnn), qkvd) - times["cudnn forward"]
+      counted["cudnn forward"] = forward_flops
+      counted["cudnn backward"] = 2.5 * forward_flops
+    except Exception as e:  # noqa: BLE001
+      print(f"  cudnn: {type(e).__name__}: {str(e)[:200]}")
+    for part, seconds in times.items():
+      line = f"  {part:20s} {seconds * 1e3:8.3f} ms"
+      if part in counted:
+        line += f"  {counted[part] / seconds / 1e12:6.0f} TFLOP/s counted"
+      if part in performed:
+        line += f"  {performed[part] / seconds / 1e12:6.0f} TFLOP/s performed"
+      print(line, flush=True)
+    if "backward" in times and "cudnn backward" in times:
+      print(f"  backward / cudnn backward: "
+            f"{times['cudnn backward'] / times['backward']:.2f}x speed")
+
+
+if __name__ == "__main__":
+  main()
