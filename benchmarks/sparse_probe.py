@@ -10,7 +10,9 @@ resolved tiles, in one process:
 * ``dense`` / ``sparse``: the whole call, forward and forward+backward;
 * ``maps``: only the XLA side of the sparse call, the block states and
   visiting lists every kernel of that pass reads (one map for the forward;
-  two for the backward, at the dK/dV and dQ tiles), from the same mask;
+  two for the backward, at the dK/dV and dQ tiles), from the same mask
+  (the backend reaches the same lists through one pass at the smallest of
+  the three kernels' tiles, coarsened; tests check they agree);
 * ``sparse - maps``: the rest, i.e. the kernels and their launch;
 * the sparse forward at other forward tiles (``FORWARD_TILES``): the
   shipped tile is tuned for dense loops, and a list-driven loop of ~13
@@ -30,7 +32,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 import flash_jax  # noqa: E402
-
 from benchmarks import harness  # noqa: E402
 from benchmarks.run import _DENSE, _SPARSE  # noqa: E402
 from flash_jax import api, block_map  # noqa: E402
