@@ -10,9 +10,9 @@ resolved tiles, in one process:
 * ``dense`` / ``sparse``: the whole call, forward and forward+backward;
 * ``maps``: only the XLA side of the sparse call, the block states and
   visiting lists every kernel of that pass reads (one map for the forward;
-  two for the backward, at the dK/dV and dQ tiles), from the same mask
-  (the backend reaches the same lists through one pass at the smallest of
-  the three kernels' tiles, coarsened; tests check they agree);
+  two for the backward, at the dK/dV and dQ tiles), from the same mask,
+  built by the backend's own `forward_lists` / `backward_maps` (one pass
+  over the mask at the smallest of the three kernels' tiles, coarsened);
 * ``sparse - maps``: the rest, i.e. the kernels and their launch;
 * the sparse forward at other forward tiles (``FORWARD_TILES``): the
   shipped tile is tuned for dense loops, and a list-driven loop of ~13
@@ -34,25 +34,21 @@ import jax  # noqa: E402
 import flash_jax  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.run import _DENSE, _SPARSE  # noqa: E402
-from flash_jax import api, block_map  # noqa: E402
+from flash_jax import api  # noqa: E402
 from flash_jax.backends import pallas_triton  # noqa: E402
 
 
-def _maps_fn(call, tilings):
-  """A jitted function of the mask computing the maps at ``tilings``."""
-  config, (batch, q_seq, heads, _) = call.config, call.query.shape
-  kv_seq = call.key.shape[1]
-
+def _maps_fn(call, tiling, pass_: str):
+  """A jitted function of the mask computing the block maps the backend
+  builds for ``pass_`` (``"fwd"`` or ``"bwd"``), through its own
+  `forward_lists` / `backward_maps`."""
   def maps(mask):
     arrays = dataclasses.replace(call.arrays, mask=mask)
-    out = []
-    for tiling, transpose in tilings:
-      states = block_map.block_states(
-          config.mask, arrays, batch=batch, num_heads=heads, q_seq=q_seq,
-          kv_seq=kv_seq, block_q=tiling.block_q, block_kv=tiling.block_kv)
-      lists = (block_map.q_lists if transpose else block_map.kv_lists)(states)
-      out.append((lists.blocks, lists.counts))
-    return out
+    if pass_ == "fwd":
+      return pallas_triton.forward_lists(call.config, call.query, call.key,
+                                         arrays, tiling)
+    return pallas_triton.backward_maps(call.config, call.query, call.key,
+                                       arrays, None, tiling)[:2]
   return jax.jit(maps)
 
 
@@ -78,8 +74,8 @@ def main():
   call = api.canonicalize(inputs.q, inputs.k, inputs.v, mask=inputs.mask)
   tiling = pallas_triton._tiling(call.config, call.query, call.key,
                                  call.value)
-  forward_maps = _maps_fn(call, [(tiling.forward, False)])
-  backward_maps = _maps_fn(call, [(tiling.dkv, True), (tiling.dq, False)])
+  forward_maps = _maps_fn(call, tiling, "fwd")
+  backward_maps = _maps_fn(call, tiling, "bwd")
   mask = call.arrays.mask
   times["maps", "fwd"] = harness.time_call(forward_maps, (mask,))
   times["maps", "fwd+bwd"] = times["maps", "fwd"] + harness.time_call(

@@ -309,9 +309,9 @@ def test_committed_table_replays_from_its_search_logs(tmp_path, monkeypatch):
 
 
 def test_sparse_probe_times_the_maps_the_backend_uses():
-  """The probe's map-only program computes the same visiting lists as the
-  Triton backend does for a masked call (so its split of the time is the
-  backend's)."""
+  """The probe's map-only programs compute the visiting lists the Triton
+  backend's kernels read (so its split of the time is the backend's): the
+  forward's equal a map made directly at the forward tile."""
   from benchmarks import sparse_probe
   from flash_jax import api, block_map
   from flash_jax.backends import pallas_triton
@@ -320,14 +320,20 @@ def test_sparse_probe_times_the_maps_the_backend_uses():
   call = api.canonicalize(inputs.q, inputs.k, inputs.v, mask=inputs.mask)
   tiling = pallas_triton._tiling(call.config, call.query, call.key,
                                  call.value)
-  (blocks, counts), = sparse_probe._maps_fn(
-      call, [(tiling.forward, False)])(call.arrays.mask)
-  expected = block_map.kv_lists(pallas_triton._states(
-      call.config, call.query, call.key, call.arrays, tiling.forward,
-      tiling.dkv, tiling.dq)[0])
-  np.testing.assert_array_equal(counts, expected.counts)
-  np.testing.assert_array_equal(blocks, expected.blocks)
-  assert 0 < int(counts[..., 1].sum()) < counts.shape[2] * blocks.shape[-1]
+  mask = call.arrays.mask
+  forward = sparse_probe._maps_fn(call, tiling, "fwd")(mask)
+  q_lists, kv_lists = sparse_probe._maps_fn(call, tiling, "bwd")(mask)
+  expected = block_map.kv_lists(block_map.block_states(
+      call.config.mask, call.arrays, batch=1, num_heads=2, q_seq=256,
+      kv_seq=256, block_q=tiling.forward.block_q,
+      block_kv=tiling.forward.block_kv))
+  np.testing.assert_array_equal(forward.counts, expected.counts)
+  np.testing.assert_array_equal(forward.blocks, expected.blocks)
+  counts = np.asarray(forward.counts)
+  assert 0 < int(counts[..., 1].sum()) < counts.shape[2] * (
+      forward.blocks.shape[-1])
+  assert q_lists.blocks.shape[-2] == -(-256 // tiling.dkv.block_kv)
+  assert kv_lists.blocks.shape[-2] == -(-256 // tiling.dq.block_q)
 
 
 def test_backward_probe_counts_the_products_each_kernel_performs():

@@ -53,20 +53,44 @@ def _states(config: AttentionConfig, query, key, arrays, *tiles):
       tiles=[(t.block_q, t.block_kv) for t in tiles])
 
 
+def forward_lists(config: AttentionConfig, query, key, arrays,
+                  tiling: _tuning.Tiling):
+  """The forward kernel's `block_map.BlockLists`, or None where the mask's
+  ranges schedule it.
+
+  Evaluated at the backward's tiles too, although only the forward's map is
+  used: the O(T*S) pass over a dense mask or ``mask_fn`` is then the same
+  computation as in `backward_maps`, and XLA's CSE keeps one when both
+  passes are in one program (the rest is dead code).
+  """
+  if not block_map.needs_map(config.mask, arrays):
+    return None
+  return block_map.kv_lists(_states(config, query, key, arrays,
+                                    tiling.forward, tiling.dkv,
+                                    tiling.dq)[0])
+
+
+def backward_maps(config: AttentionConfig, query, key, arrays, bias,
+                  tiling: _tuning.Tiling):
+  """``(q_lists, kv_lists, dq_states)`` of the backward kernels: the dK/dV
+  kernel's and dQ kernel's `block_map.BlockLists` (None where the mask's
+  ranges schedule them), and the dQ tiling's states, which the dbias kernel
+  also reads (None without a map or a bias)."""
+  if block_map.needs_map(config.mask, arrays):
+    dkv_states, dq_states = _states(config, query, key, arrays, tiling.dkv,
+                                    tiling.dq)
+    return (block_map.q_lists(dkv_states), block_map.kv_lists(dq_states),
+            dq_states)
+  if bias is not None:
+    return None, None, _states(config, query, key, arrays, tiling.dq)[0]
+  return None, None, None
+
+
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
-  tilings = _tiling(config, query, key, value)
-  tiling = tilings.forward
-  params = _common.kernel_params(config, query, key, value, tiling)
-  kv_lists = None
-  if block_map.needs_map(config.mask, arrays):
-    # Evaluated at the backward's tiles too, although only the forward's
-    # map is used: the O(T*S) pass over a dense mask or mask_fn is then the
-    # same computation as the backward's, and XLA's CSE keeps one when
-    # both passes are in one program (the rest is dead code).
-    kv_lists = block_map.kv_lists(_states(config, query, key, arrays,
-                                          tiling, tilings.dkv,
-                                          tilings.dq)[0])
+  tiling = _tiling(config, query, key, value)
+  params = _common.kernel_params(config, query, key, value, tiling.forward)
+  kv_lists = forward_lists(config, query, key, arrays, tiling)
   return _forward.forward(params, query, key, value, bias, arrays, kv_lists)
 
 
@@ -77,14 +101,8 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   tiling = _tiling(config, query, key, value)
   params_dkv = _common.kernel_params(config, query, key, value, tiling.dkv)
   params_dq = _common.kernel_params(config, query, key, value, tiling.dq)
-  q_lists = kv_lists = dq_states = None
-  if block_map.needs_map(config.mask, arrays):
-    dkv_states, dq_states = _states(config, query, key, arrays, tiling.dkv,
-                                    tiling.dq)
-    q_lists = block_map.q_lists(dkv_states)
-    kv_lists = block_map.kv_lists(dq_states)
-  elif bias is not None:
-    dq_states, = _states(config, query, key, arrays, tiling.dq)
+  q_lists, kv_lists, dq_states = backward_maps(config, query, key, arrays,
+                                               bias, tiling)
   return _backward.backward(params_dkv, params_dq, query, key, value, bias,
                             arrays, out, lse, dout, dlse, q_lists=q_lists,
                             kv_lists=kv_lists, dbias_states=dq_states)
