@@ -61,12 +61,14 @@ def _hopper_parts(row: harness.Row, inputs: harness.Inputs):
                                                    arrays))
   out, lse = forward(inputs.q, inputs.k, inputs.v)
 
-  def backward(select):
+  def backward(select, config=config):
     def run(q, k, v, out, lse, do):
       grads = hopper.backward(config, q, k, v, None, arrays, out, lse, do,
                               jnp.zeros_like(lse))
       return select(grads)
     return jax.jit(run)
+
+  fused = dataclasses.replace(config, deterministic=False)
 
   args = (inputs.q, inputs.k, inputs.v, out, lse, inputs.do)
   return {
@@ -74,6 +76,7 @@ def _hopper_parts(row: harness.Row, inputs: harness.Inputs):
       "backward": (backward(lambda g: g[:3]), args),
       "dK/dV kernel alone": (backward(lambda g: g[1:3]), args),
       "dQ kernel alone": (backward(lambda g: g[0]), args),
+      "backward, fused dQ": (backward(lambda g: g[:3], fused), args),
   }
 
 
@@ -90,7 +93,9 @@ def main():
     performed = {"forward": forward_flops,
                  "backward": _products_flops(row, 7),
                  "dK/dV kernel alone": _products_flops(row, 4),
-                 "dQ kernel alone": _products_flops(row, 3)}
+                 "dQ kernel alone": _products_flops(row, 3),
+                 "backward, fused dQ": _products_flops(row, 5)}
+    counted["backward, fused dQ"] = counted["backward"]
     print(f"{name}: B={row.batch} T={row.q_seq} N={row.num_heads} "
           f"H={row.head_dim} causal={row.is_causal}")
     times = {}
@@ -121,9 +126,10 @@ def main():
       if part in performed:
         line += f"  {performed[part] / seconds / 1e12:6.0f} TFLOP/s performed"
       print(line, flush=True)
-    if "backward" in times and "cudnn backward" in times:
-      print(f"  backward / cudnn backward: "
-            f"{times['cudnn backward'] / times['backward']:.2f}x speed")
+    for part in ("backward", "backward, fused dQ"):
+      if part in times and "cudnn backward" in times:
+        print(f"  {part} / cudnn backward: "
+              f"{times['cudnn backward'] / times[part]:.2f}x speed")
 
 
 if __name__ == "__main__":

@@ -200,12 +200,12 @@ def jax_nn_semantics(row: Row, inputs: Inputs) -> dict:
   return kwargs
 
 
-def _flash(implementation, block_sizes=None):
+def _flash(implementation, block_sizes=None, **options):
   def make(row, inputs):
     kwargs = semantics(row, inputs)
     return lambda q, k, v: flash_jax.dot_product_attention(
         q, k, v, implementation=implementation, block_sizes=block_sizes,
-        **kwargs)
+        **options, **kwargs)
   return make
 
 
@@ -232,6 +232,10 @@ IMPLEMENTATIONS: dict[str, Callable] = {
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=True)),
     "flash_jax_mosaic_no_pingpong": _flash(
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=False)),
+    # Its backward with deterministic=False (dQ reduce-added by the dK/dV
+    # kernel, head dims up to 128).
+    "flash_jax_mosaic_nondeterministic": _flash("pallas_mosaic_gpu",
+                                                deterministic=False),
     "xla": _jax_nn("xla"),
     "cudnn": _jax_nn("cudnn"),
 }

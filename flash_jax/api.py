@@ -345,7 +345,8 @@ def dot_product_attention(
     dropout_rate: float = 0.0, dropout_rng=None,
     broadcast_dropout: bool = False,
     interpret: bool | None = None,
-    block_sizes: BlockSizes | None = None) -> Any:
+    block_sizes: BlockSizes | None = None,
+    deterministic: bool = True) -> Any:
   """Exact attention computed tile by tile: a drop-in for
   `jax.nn.dot_product_attention`.
 
@@ -408,6 +409,12 @@ def dot_product_attention(
       when no GPU is present and a Pallas implementation was named
       explicitly, so ``implementation="pallas_triton"`` works on CPU.
     block_sizes: `flash_jax.BlockSizes` tiling overrides (tuning only).
+    deterministic: True (default): the backward gives bitwise-identical
+      gradients on every run. False allows a faster backward whose dQ is
+      summed with float32 atomic adds in an order that varies between runs
+      (same accuracy, last-bit differences): on the Hopper backend (head
+      dims up to 128), one kernel then forms dK, dV and dQ. Other backends
+      ignore it.
 
   Returns:
     ``out [B, T, N, Hv]`` in the input dtype, or ``(out, lse)``.
@@ -439,6 +446,7 @@ def dot_product_attention(
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise ValueError(
         f"block_sizes must be a flash_jax.BlockSizes, got {block_sizes!r}")
+  deterministic = _check_bool(deterministic, "deterministic")
   if interpret is None:
     interpret = explicit and platform.default_interpret()
 
@@ -449,7 +457,8 @@ def dot_product_attention(
         return _run_cudnn(call, return_residual)
       config = dataclasses.replace(call.config, implementation=name,
                                    interpret=bool(interpret),
-                                   block_sizes=block_sizes)
+                                   block_sizes=block_sizes,
+                                   deterministic=deterministic)
       backends.get(name).check_supported(config, call.query, call.key,
                                          call.value, call.bias, call.arrays)
     except NotImplementedError as e:

@@ -114,6 +114,12 @@ class AttentionConfig:
       picks ``"ieee"`` under ``jax.default_matmul_precision("highest")``
       (or ``"float32"``). Interpret mode always multiplies at full
       precision (CPU XLA has no TF32).
+    deterministic: the backward gives bitwise-identical gradients on every
+      run (the default). ``False`` lets a backend sum dQ with atomic
+      float32 adds, whose order varies between runs, where that is faster:
+      the Hopper backend then forms dQ inside its dK/dV kernel (5 matrix
+      products per tile instead of 7). Backends without such a path ignore
+      it.
   """
 
   mask: MaskSpec
@@ -125,6 +131,7 @@ class AttentionConfig:
   interpret: bool = False
   block_sizes: BlockSizes | None = None
   float32_products: str = "tf32x3"
+  deterministic: bool = True
 
   def __post_init__(self):
     if self.float32_products not in FLOAT32_PRODUCTS:

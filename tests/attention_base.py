@@ -70,14 +70,16 @@ class AttentionTestBase:
         q, k, v, implementation=self.implementation, **kwargs)
 
   def check_against_reference(self, q, k, v, do, *, block_sizes=None,
-                              grad_floor=1e-5, bias=None, **semantics):
+                              grad_floor=1e-5, bias=None, options=None,
+                              **semantics):
     """FlashAttention's rule for out and lse (2x) and dq, dk, dv (3x, for
     output cotangent ``do``) against the reference with the same
-    ``semantics``, and for dbias (3x) when a ``bias`` is given. Returns
-    ``(out, lse, (dq, dk, dv))`` for more checks."""
+    ``semantics``, and for dbias (3x) when a ``bias`` is given. ``options``
+    go to the kernel call only (not the reference). Returns ``(out, lse,
+    (dq, dk, dv))`` for more checks."""
     fn = lambda q, k, v, bias: self.attend(
         q, k, v, bias=bias, **semantics, block_sizes=block_sizes,
-        return_residual=True)
+        return_residual=True, **(options or {}))
     (out, lse), pull = jax.vjp(fn, q, k, v, bias)
     *grads, dbias = pull((do, jnp.zeros_like(lse)))
     semantics = dict(semantics, bias=bias) if bias is not None else semantics

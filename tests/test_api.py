@@ -56,6 +56,7 @@ def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
     (dict(implementation=[]), "implementation must be"),
     (dict(interpret="no"), "interpret must be"),
     (dict(block_sizes=(64, 64)), "block_sizes must be"),
+    (dict(deterministic="yes"), "deterministic must be a static bool"),
 ])
 def test_bad_arguments_raise_value_error(qkv, kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -277,3 +278,33 @@ def test_float32_products_follow_the_default_matmul_precision():
   with pytest.raises(ValueError, match="float32_products"):
     flash_jax.config.AttentionConfig(flash_jax.masks.MaskSpec(), 1.0, "",
                                      float32_products="tf32")
+
+
+def test_deterministic_false_reaches_the_config_and_triton_ignores_it(
+    rng, monkeypatch):
+  """``deterministic=False`` reaches the backend's config; it only permits
+  a nondeterministic backward, and the Triton backend has none, so its
+  gradients are bitwise those of the default (interpret mode on CPU,
+  compiled kernels on a GPU)."""
+  q, k, v, do = draw_inputs(rng, Case(2, 37, 50, 4, 2, 32, 32, True,
+                                      "float32"))
+
+  def grads(deterministic):
+    fn = lambda *b: flash_jax.dot_product_attention(
+        *b, is_causal=True, implementation="pallas_triton",
+        deterministic=deterministic)
+    out, pull = jax.vjp(fn, q, k, v)
+    return jax.tree.leaves((out, pull(do)))
+
+  for a, b in zip(grads(True), grads(False)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+  configs = []
+  original = api.flash_attention
+  monkeypatch.setattr(api, "flash_attention",
+                      lambda config, *a: configs.append(config) or original(
+                          config, *a))
+  for deterministic in (True, False):
+    flash_jax.dot_product_attention(q, k, v, implementation="xla",
+                                    deterministic=deterministic)
+  assert [c.deterministic for c in configs] == [True, False]

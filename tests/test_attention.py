@@ -3,6 +3,7 @@
 import flash_jax
 import pytest
 from attention_base import AttentionTestBase
+from helpers import Case, draw_inputs
 
 
 class TestPallasTriton(AttentionTestBase):
@@ -56,3 +57,28 @@ class TestPallasMosaicGpu(AttentionTestBase):
     text = jax.jit(lambda q: self.attend(q, q, q, is_causal=True)).lower(
         q).as_text()
     assert "mosaic_gpu" in text
+
+  @pytest.mark.parametrize("case, semantics", [
+      (Case(1, 1023, 1024, 4, 1, 128, 128, True, "bfloat16"), {}),
+      (Case(2, 113, 203, 4, 2, 64, 64, False, "float16"), {}),
+      (Case(2, 97, 203, 4, 1, 40, 40, True, "bfloat16"),
+       dict(causal_alignment="bottom_right", logits_soft_cap=30.0)),
+      (Case(1, 1000, 1000, 4, 2, 128, 128, True, "bfloat16"),
+       dict(local_window_size=(200, 0))),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else "-".join(x) or "plain")
+  def test_nondeterministic_backward_matches_reference(self, rng, case,
+                                                       semantics):
+    """``deterministic=False``: the dK/dV kernel also reduce-adds dQ."""
+    q, k, v, do = draw_inputs(rng, case)
+    self.check_against_reference(q, k, v, do, is_causal=case.is_causal,
+                                 options=dict(deterministic=False),
+                                 **semantics)
+
+  def test_nondeterministic_backward_with_padding_lengths(self, rng):
+    import jax.numpy as jnp
+    q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,
+                                        "bfloat16"))
+    self.check_against_reference(
+        q, k, v, do, is_causal=True, options=dict(deterministic=False),
+        query_seq_lengths=jnp.array([200, 77, 0]),
+        key_value_seq_lengths=jnp.array([300, 150, 5]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -347,3 +348,27 @@ def test_backward_probe_counts_the_products_each_kernel_performs():
       backward_probe._products_flops(row, 2))
   causal = dataclasses.replace(row, is_causal=True)
   assert backward_probe._products_flops(causal, 4) == 2 * one
+
+
+def test_fused_dq_probe_variants_patch_only_what_they_name():
+  """The probe's stand-in for ``plgpu`` drops only reduce-add copies, and
+  its key-blocks-fastest grid covers the shipped fused grid's CTAs."""
+  from benchmarks import fused_dq_probe
+  from flash_jax.backends.pallas_mosaic_gpu.forward import ForwardParams
+  calls = []
+  fake = types.SimpleNamespace(
+      copy_smem_to_gmem=lambda src, dst, **kw: calls.append((src, dst, kw)),
+      wgmma="wgmma")
+  proxy = fused_dq_probe._without_reduce_adds(fake)
+  proxy.copy_smem_to_gmem("a", "b")
+  proxy.copy_smem_to_gmem("c", "d", reduction_op="add")
+  assert calls == [("a", "b", {})] and proxy.wgmma == "wgmma"
+  p = ForwardParams(batch=2, q_seq=300, kv_seq=300, num_heads=4,
+                    num_kv_heads=2, head_dim=128, dtype=jnp.bfloat16,
+                    mask=MaskSpec(), scale=0.1, logits_soft_cap=None,
+                    block_kv=128, stages=2, fused_dq=True)
+  shipped = fused_dq_probe.hopper_backward._dkv_grid(p)
+  probe = fused_dq_probe._key_blocks_fastest(p)
+  assert probe["grid_names"][0] == "kv"
+  assert (dict(zip(shipped["grid_names"], shipped["grid"]))
+          == dict(zip(probe["grid_names"], probe["grid"])))

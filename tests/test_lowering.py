@@ -237,19 +237,23 @@ MOSAIC_CASES = {
 }
 
 
-@pytest.mark.parametrize("name, ping_pong", [
-    (name, False) for name in sorted(MOSAIC_CASES)] + [
-    ("h128", True), ("h64_causal_gqa_tails", True)])
-def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong):
+@pytest.mark.parametrize("name, ping_pong, deterministic", [
+    (name, False, True) for name in sorted(MOSAIC_CASES)] + [
+    ("h128", True, True), ("h64_causal_gqa_tails", True, True)] + [
+    (name, False, False) for name in sorted(MOSAIC_CASES)])
+def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
   """The Hopper backend's forward and backward kernels lower through Mosaic
   GPU (for head dims above 128 the backward is the Triton one), with and
-  without the ping-pong schedule."""
+  without the ping-pong schedule, and with ``deterministic=False`` (one
+  backward kernel, dQ reduce-added into a float32 buffer aliased in
+  place)."""
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
    cap) = MOSAIC_CASES[name]
   config = AttentionConfig(
       mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
       interpret=False, logits_soft_cap=cap,
-      block_sizes=BlockSizes(ping_pong=ping_pong))
+      block_sizes=BlockSizes(ping_pong=ping_pong),
+      deterministic=deterministic)
   q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
                      head_dim, dtype)
   length = jax.ShapeDtypeStruct((batch,), jnp.int32)
@@ -264,10 +268,13 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong):
                         length, length)
   mosaic_kernels = text.count(f"custom_call @{MOSAIC_CALL}")
   triton_kernels = text.count(TRITON_CALL)
-  if head_dim <= 128:
-    assert (mosaic_kernels, triton_kernels) == (3, 0)
+  aliased = "output_operand_alias" in text
+  if head_dim > 128:
+    assert (mosaic_kernels, triton_kernels, aliased) == (1, 2, False)
+  elif deterministic:
+    assert (mosaic_kernels, triton_kernels, aliased) == (3, 0, False)
   else:
-    assert (mosaic_kernels, triton_kernels) == (1, 2)
+    assert (mosaic_kernels, triton_kernels, aliased) == (2, 0, True)
 
 
 @pytest.mark.parametrize("implementation, head_dim", [

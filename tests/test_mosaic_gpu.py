@@ -165,6 +165,26 @@ def test_key_major_schedule_of_the_dkv_kernel(seed):
         assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)
 
 
+def test_fused_dq_grid_runs_heads_fastest_and_splits_wide_heads():
+  """With the fused dQ (``deterministic=False``) the dK/dV grid puts heads
+  fastest, so CTAs side by side reduce-add into different dQ rows, and the
+  grid covers the same CTAs; consumers split dQ's columns where half the
+  head dim is a whole 128-byte swizzle tile (head dim 128), else each
+  adds its own keys' part."""
+  import importlib
+  backward = importlib.import_module(
+      "flash_jax.backends.pallas_mosaic_gpu.backward")
+  plain = backward._dkv_grid(_params(num_kv_heads=2, num_heads=4))
+  fused = backward._dkv_grid(_params(num_kv_heads=2, num_heads=4,
+                                     fused_dq=True))
+  assert plain["grid_names"][0] == "kv" and fused["grid_names"][0] == "heads"
+  assert (dict(zip(plain["grid_names"], plain["grid"]))
+          == dict(zip(fused["grid_names"], fused["grid"]))
+          == {"kv": 3, "heads": 2, "batch": 1})
+  assert backward._splits_dq_columns(_params(head_dim=128))
+  assert not backward._splits_dq_columns(_params(head_dim=64))
+
+
 def test_exp2_tanh_matches_tanh():
   """The soft-cap's tanh (built from exp2 so that approx math keeps it
   accurate) against jnp.tanh, including saturation."""

@@ -8,6 +8,9 @@ of head dim 128, in two shards; see
 above 128 the backward runs the Triton backend's kernels on the same
 residuals (out, lse), which the shared residual contract allows.
 
+With ``AttentionConfig.deterministic`` False the backward is one kernel
+that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`).
+
 It takes: causal (either alignment), local windows, padding lengths, GQA/MQA,
 any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
 dim equal to the query head dim), float16 and bfloat16, soft-cap. Anything
@@ -101,7 +104,8 @@ def _params(config: AttentionConfig, query, key):
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
       stages=3 if padded <= 64 else 2,
-      ping_pong=_ping_pong(config, padded))
+      ping_pong=_ping_pong(config, padded),
+      fused_dq=not config.deterministic)
 
 
 def _lengths(lengths, batch: int, full: int):

@@ -73,6 +73,7 @@ class ForwardParams:
   block_kv: int
   stages: int
   ping_pong: bool = False   # consumers take turns on the tensor cores
+  fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
 
   @property
   def groups(self) -> int:
