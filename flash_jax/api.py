@@ -414,7 +414,8 @@ def dot_product_attention(
       summed with float32 atomic adds in an order that varies between runs
       (same accuracy, last-bit differences): on the Hopper backend (head
       dims up to 128), one kernel then forms dK, dV and dQ. Other backends
-      ignore it.
+      ignore it. (FlashAttention's ``deterministic`` flag; not Flax's,
+      which turns dropout off.)
 
   Returns:
     ``out [B, T, N, Hv]`` in the input dtype, or ``(out, lse)``.

@@ -116,7 +116,9 @@ def make_attention_fn(**flash_kwargs) -> Callable[..., jax.Array]:
       O(T*S) memory), ``block_sizes=``, ``local_window_size=``,
       ``logits_soft_cap=``, ``scale=``, ``interpret=``. The per-call
       arguments (q, k, v, bias, mask, dropout) come from Flax and cannot be
-      fixed here.
+      fixed here. A fixed ``deterministic=False`` is flash_jax's flag (a
+      backward whose dQ sums vary in the last bits); the returned
+      function's own ``deterministic`` argument is Flax's (no dropout).
 
   Returns:
     ``attention_fn(query, key, value, bias=None, mask=None,

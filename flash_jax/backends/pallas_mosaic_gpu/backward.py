@@ -241,8 +241,6 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         ds_all = ds_smem.at[lax.rem(t, 2)]
         ds_all.at[pl.ds(wg * BLOCK, BLOCK)][...] = ds_t
         plgpu.commit_smem()
-
-      if p.fused_dq:
         return dk_and_dq_updates(dk, ds_t, ds_all, slot, head, q_block), dv
 
       def dk_update(acc_ref):
@@ -401,9 +399,9 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
         plgpu.Barrier(num_arrivals=CONSUMERS),         # both dS written
     ]
     # Reduce-adds need a zeroed accumulator that the kernel updates in
-    # place: a mutable array, aliased to the kernel's input. (Head-major
-    # [B, N, T, H] measured slower on an H100: 5.1 against 4.6 ms at
-    # B=4 T=4k N=16.)
+    # place: a mutable array, aliased to the kernel's input. (A head-major
+    # [B, N, T, H] one was tried and measured slower; benchmarks/NOTES.md,
+    # session 8.)
     dq_acc = jax.new_ref(jnp.zeros(query.shape, jnp.float32))
     dkv_operands = operands + (dq_acc,)
   dk, dv = kernel(
