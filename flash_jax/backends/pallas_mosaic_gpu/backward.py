@@ -167,41 +167,68 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       plgpu.barrier_arrive(ds_ready)
       plgpu.barrier_wait(ds_ready)
 
-    def dk_and_dq_updates(dk, ds_t, ds_all, slot, head, q_block):
-      """dK += dS^T Q, and dQ += dS K with dS read transposed from shared
-      memory; both products are issued before either is awaited. The dQ
-      tile then goes to the float32 accumulator in global memory by a TMA
-      reduce-add (order-dependent sums). Split by columns, each consumer
-      forms half of dQ's head dim over all 128 keys of the CTA (one
-      reduce-add per query block and column half); unsplit, its own 64
-      keys' part of all of dQ (two reduce-adds per query block)."""
-      if split:
-        both_consumers_meet()     # the other consumer's dS rows are in
-        cols = pl.ds(wg * dq_cols, dq_cols)
-        ds_rows, k_rows = ds_all, k_smem.at[:, cols]
-      else:
-        cols = pl.ds(0, dq_cols)
-        ds_rows, k_rows = ds_all.at[pl.ds(wg * BLOCK, BLOCK)], k_tile
+    def probabilities_of(s_t, slot, q_block, masked: bool):
+      """P^T from the scores S^T (and tanh of the soft-capped logits)."""
+      logits, tanh = _logits(s_t, p)
+      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
+      if masked:
+        allowed = common.tile_allowed(p, tile, q_block * BLOCK, kv_start,
+                                      kv_len, keys_are_rows=True)
+        probs = jnp.where(allowed, probs, 0.0)
+      return probs, tanh
 
-      def products(dq_ref):
-        def dk_product(dk_ref):
-          plgpu.wgmma(dk_ref, ds_t, q_ring.at[slot])
-          plgpu.wgmma(dq_ref, ds_rows.transpose((1, 0)), k_rows)
-        return pl.run_state(dk_product)(plgpu.ACC.init(dk)), dq_ref[...]
-      dk, dq = pl.run_scoped(products,
-                             plgpu.ACC((BLOCK, dq_cols), jnp.float32))
-      plgpu.barrier_arrive(ring_free.at[slot])
-      dq_tile = dq_smem.at[wg]
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last add has read it
-      dq_tile[...] = dq
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(
-          dq_tile,
-          dq_acc_ref.at[batch, pl.ds(q_block * BLOCK, BLOCK), head, cols],
-          reduction_op="add")
-      return dk
+    def dscores(probs, tanh, dp_t, slot):
+      """dS^T = P^T * (dP^T - D), times tanh' with a soft-cap."""
+      delta = plgpu.load(delta_ring.at[slot], layout=column)
+      ds_t = probs * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
+      if tanh is not None:
+        ds_t = ds_t * (1.0 - tanh * tanh)
+      return ds_t.astype(p.dtype)
 
     def step(t, carry, *, masked: bool):
+      """Two rounds of products per query block: S^T with dP^T (P^T is
+      formed while dP^T is still on the tensor cores), then dV with dK
+      (dS^T is formed while dV's product runs)."""
+      dk, dv = carry
+      slot = lax.rem(t, jnp.int32(stages))
+      _, q_block = locate(t)
+      for ready in (q_ready, lse_ready, do_ready):
+        plgpu.barrier_wait(ready.at[slot])
+
+      def scores_and_dprobs(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, k_tile, q_ring.at[slot].transpose((1, 0)))
+        plgpu.wgmma(dp_ref, v_tile, do_ring.at[slot].transpose((1, 0)))
+        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        return probabilities_of(s_t, slot, q_block, masked), dp_ref[...]
+      (probs, tanh), dp_t = pl.run_scoped(
+          scores_and_dprobs, plgpu.ACC(tile, jnp.float32),
+          plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_wait(delta_ready.at[slot])
+
+      def dv_and_dk(refs):
+        dv_ref, dk_ref = refs
+        plgpu.wgmma(dv_ref, probs.astype(p.dtype), do_ring.at[slot])
+        plgpu.wgmma(dk_ref, dscores(probs, tanh, dp_t, slot),
+                    q_ring.at[slot])
+      dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv),
+                                        plgpu.ACC.init(dk)))
+      plgpu.barrier_arrive(ring_free.at[slot])
+      return dk, dv
+
+    def fused_step(t, carry, *, masked: bool):
+      """The step with dQ += dS K (dS read transposed from shared memory),
+      the dQ tile then added into the float32 accumulator in global memory
+      by a TMA reduce-add (order-dependent sums). Split by columns, each
+      consumer forms half of dQ's head dim over all 128 keys of the CTA
+      (one reduce-add per query block and column half); unsplit, its own
+      64 keys' part of all of dQ (two reduce-adds per query block).
+
+      Its products run one after another, except dK with dQ: pairing S
+      with dP and dV with dK as `step` does (or dV, dK and dQ at once)
+      measured slower here, 3.16-3.28 against 2.96 ms at B=4 T=4k N=16
+      H=128 on an H100 (the dQ tile adds to the registers live; session 8
+      in benchmarks/NOTES.md, whose logs were lost: re-measure)."""
       dk, dv = carry
       slot = lax.rem(t, jnp.int32(stages))
       head, q_block = locate(t)
@@ -212,13 +239,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(acc_ref, k_tile, q_ring.at[slot].transpose((1, 0)))
         return acc_ref[...]
       s_t = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
-      logits, tanh = _logits(s_t, p)
-      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
-      if masked:
-        allowed = common.tile_allowed(p, tile, q_block * BLOCK, kv_start,
-                                      kv_len, keys_are_rows=True)
-        probs = jnp.where(allowed, probs, 0.0)
+      probs, tanh = probabilities_of(s_t, slot, q_block, masked)
       plgpu.barrier_wait(do_ready.at[slot])
       plgpu.barrier_wait(delta_ready.at[slot])
 
@@ -230,23 +251,36 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(acc_ref, v_tile, do_ring.at[slot].transpose((1, 0)))
         return acc_ref[...]
       dp_t = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
-      delta = plgpu.load(delta_ring.at[slot], layout=column)
-      ds_t = probs * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-      if tanh is not None:
-        ds_t = ds_t * (1.0 - tanh * tanh)
-      ds_t = ds_t.astype(p.dtype)
-      if p.fused_dq:
-        # Two buffers by step parity: the other consumer may still read
-        # this step's buffer while this one writes the next.
-        ds_all = ds_smem.at[lax.rem(t, 2)]
-        ds_all.at[pl.ds(wg * BLOCK, BLOCK)][...] = ds_t
-        plgpu.commit_smem()
-        return dk_and_dq_updates(dk, ds_t, ds_all, slot, head, q_block), dv
+      ds_t = dscores(probs, tanh, dp_t, slot)
+      # Two dS buffers by step parity: the other consumer may still read
+      # this step's buffer while this one writes the next.
+      ds_all = ds_smem.at[lax.rem(t, 2)]
+      ds_all.at[pl.ds(wg * BLOCK, BLOCK)][...] = ds_t
+      plgpu.commit_smem()
+      if split:
+        both_consumers_meet()     # the other consumer's dS rows are in
+        cols = pl.ds(wg * dq_cols, dq_cols)
+        ds_rows, k_rows = ds_all, k_smem.at[:, cols]
+      else:
+        cols = pl.ds(0, dq_cols)
+        ds_rows, k_rows = ds_all.at[pl.ds(wg * BLOCK, BLOCK)], k_tile
 
-      def dk_update(acc_ref):
-        plgpu.wgmma(acc_ref, ds_t, q_ring.at[slot])
-      dk = pl.run_state(dk_update)(plgpu.ACC.init(dk))
+      def dk_and_dq(dq_ref):
+        def dk_product(dk_ref):
+          plgpu.wgmma(dk_ref, ds_t, q_ring.at[slot])
+          plgpu.wgmma(dq_ref, ds_rows.transpose((1, 0)), k_rows)
+        return pl.run_state(dk_product)(plgpu.ACC.init(dk)), dq_ref[...]
+      dk, dq = pl.run_scoped(dk_and_dq,
+                             plgpu.ACC((BLOCK, dq_cols), jnp.float32))
       plgpu.barrier_arrive(ring_free.at[slot])
+      dq_tile = dq_smem.at[wg]
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last add has read it
+      dq_tile[...] = dq
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(
+          dq_tile,
+          dq_acc_ref.at[batch, pl.ds(q_block * BLOCK, BLOCK), head, cols],
+          reduction_op="add")
       return dk, dv
 
     zeros = plgpu.layout_cast(jnp.zeros((BLOCK, p.head_dim), jnp.float32),
@@ -254,7 +288,8 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     def over_group(group, carry):
       base = group * q_steps
-      shifted = lambda t, c, *, masked: step(base + t, c, masked=masked)
+      one_step = fused_step if p.fused_dq else step
+      shifted = lambda t, c, *, masked: one_step(base + t, c, masked=masked)
       return common.run_phases(q_steps, first_full, end_full, shifted, carry)
 
     dk, dv = lax.fori_loop(0, p.groups, over_group, (zeros, zeros))
@@ -316,23 +351,22 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     def step(t, dq, *, masked: bool):
       slot = lax.rem(t, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
-
-      def scores(acc_ref):
-        plgpu.wgmma(acc_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
-        return acc_ref[...]
-      s = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
-      logits, tanh = _logits(s, p)
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
-      if masked:
-        allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
-                                      kv_len)
-        probs = jnp.where(allowed, probs, 0.0)
       plgpu.barrier_wait(v_ready.at[slot])
 
-      def dprobs(acc_ref):
-        plgpu.wgmma(acc_ref, do_tile, v_ring.at[slot].transpose((1, 0)))
-        return acc_ref[...]
-      dp = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
+      # S and dP issued together; P is formed while dP is in flight.
+      def products(s_ref, dp_ref):
+        plgpu.wgmma(s_ref, q_tile, k_ring.at[slot].transpose((1, 0)))
+        plgpu.wgmma(dp_ref, do_tile, v_ring.at[slot].transpose((1, 0)))
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        logits, tanh = _logits(s, p)
+        probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
+        if masked:
+          allowed = common.tile_allowed(p, tile, q_start,
+                                        (lo + t) * block_kv, kv_len)
+          probs = jnp.where(allowed, probs, 0.0)
+        return probs, tanh, dp_ref[...]
+      probs, tanh, dp = pl.run_scoped(products, plgpu.ACC(tile, jnp.float32),
+                                      plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
       ds = probs * (dp - lax.broadcast_in_dim(delta, tile, [0]))
       if tanh is not None:
