@@ -2,6 +2,15 @@
 
 The public function `dot_product_attention` is a drop-in for
 `jax.nn.dot_product_attention` (same argument names, BTNH layout).
+
+Also exported: `BlockSizes` (tiling overrides), `AttentionConfig`,
+`MaskSpec` and `MaskArrays` (the static and dynamic halves of a call, for
+backends and tests), `dropout_keep_mask` (the exact dropout mask of a call),
+`reference` (plain attention, the tests' oracle), and the residual names
+`OUTPUT_NAME` / `LSE_NAME` / `RESIDUAL_NAMES`: under
+``jax.checkpoint(..., policy=jax.checkpoint_policies.save_only_these_names(
+*flash_jax.RESIDUAL_NAMES))`` a checkpointed backward reuses the forward's
+output and lse instead of rerunning the forward kernel.
 """
 
 from flash_jax import dropout, reference

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flash_jax import backends, dropout, platform
-from flash_jax.config import MAX_HEAD_DIM, AttentionConfig, BlockSizes
+from flash_jax.config import AttentionConfig, BlockSizes
 from flash_jax.masks import MaskArrays, MaskSpec
 from flash_jax.vjp import flash_attention
 
@@ -106,12 +106,13 @@ def _check_broadcastable(x, name: str, full: tuple[int, ...], had_batch: bool):
   """A bias or mask: at most 4-D, each dim 1 or the full ``[B, N, T, S]``."""
   if x.ndim > 4:
     raise ValueError(f"{name} must have at most 4 dims, got shape {x.shape}")
+  given = x.shape
   x = x.reshape((1,) * (4 - x.ndim) + x.shape)
   if any(d not in (1, f) for d, f in zip(x.shape, full)):
-    shape = full if had_batch else full[1:]
+    target, shape = (("[B, N, T, S]", full) if had_batch
+                     else ("[N, T, S]", full[1:]))
     raise ValueError(
-        f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = "
-        f"{shape}")
+        f"{name} of shape {given} does not broadcast to {target} = {shape}")
   return x
 
 
@@ -134,6 +135,38 @@ def _check_segment_ids(q_ids, kv_ids, batch, q_seq, kv_seq, had_batch):
                        f"{ids.shape}")
     result.append(ids.astype(jnp.int32))
   return tuple(result)
+
+
+def _check_mask_fn(mask_fn) -> None:
+  """Traces ``mask_fn`` once on int32 scalar indices: it must take the four
+  indices, give one bool, and capture no arrays (the kernels evaluate it
+  from the indices alone, and a Pallas kernel cannot close over arrays)."""
+  if mask_fn is None:
+    return
+  if not callable(mask_fn):
+    raise ValueError(f"mask_fn must be callable, got {mask_fn!r}")
+  index = jax.ShapeDtypeStruct((), jnp.int32)
+  try:
+    traced = jax.make_jaxpr(mask_fn)(index, index, index, index)
+  except Exception as e:  # the caller's code: report any failure as theirs
+    raise ValueError(
+        "mask_fn(batch, head, q_idx, kv_idx) failed on int32 scalar indices "
+        f"({type(e).__name__}: {e})") from e
+  outputs = traced.out_avals
+  if (len(outputs) != 1 or outputs[0].shape != ()
+      or outputs[0].dtype != jnp.bool_):
+    raise ValueError(
+        "mask_fn(batch, head, q_idx, kv_idx) must return one bool per index "
+        f"tuple; on int32 scalar indices it returned {outputs}")
+  if traced.consts:
+    # Python and NumPy scalars become literals; a captured JAX array (even
+    # 0-d) or NumPy array would be a constant of the Pallas kernel.
+    shapes = [jax.typeof(c).str_short() for c in traced.consts]
+    raise ValueError(
+        f"mask_fn captures array values ({', '.join(shapes)}); it must "
+        "compute the mask from its four index arguments and scalars "
+        "alone. Per-batch data goes in query_segment_ids/kv_segment_ids, "
+        "the seq lengths or a dense mask")
 
 
 def _check_window(window) -> tuple[int, int] | None:
@@ -201,17 +234,16 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
     raise ValueError(
         f"query heads N={num_heads} must be a multiple of key/value heads "
         f"K={num_kv_heads} (GQA/MQA): {shapes}")
+  # Head dims above 256 (config.MAX_HEAD_DIM) are valid, as in jax.nn: the
+  # kernel backends decline them (NotImplementedError), the XLA path runs.
   for name, dim in (("query/key", head_dim), ("value", value.shape[-1])):
-    if not 1 <= dim <= MAX_HEAD_DIM:
-      raise ValueError(
-          f"{name} head dim must be in [1, {MAX_HEAD_DIM}], got {dim}: "
-          f"{shapes}")
+    if dim < 1:
+      raise ValueError(f"{name} head dim must be >= 1, got {dim}: {shapes}")
   is_causal = _check_bool(is_causal, "is_causal")
   if causal_alignment not in CAUSAL_ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
                      f"got {causal_alignment!r}")
-  if mask_fn is not None and not callable(mask_fn):
-    raise ValueError(f"mask_fn must be callable, got {mask_fn!r}")
+  _check_mask_fn(mask_fn)
 
   full = (batch, num_heads, q_seq, kv_seq)
   if bias is not None:
@@ -245,6 +277,26 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
     except (TypeError, ValueError) as e:
       raise ValueError(f"dropout_rng must be a JAX PRNG key: {e}") from e
 
+  if causal_alignment == "bottom_right" and q_seq not in (1, kv_seq) and (
+      is_causal or window is not None) and (
+          query_seq_lengths is not None or key_value_seq_lengths is not None):
+    # The diagonal is placed by the padded T and S (static), so with padding
+    # the last valid query would not meet the last valid key. T == 1 (a
+    # decode step) and T == S are unaffected.
+    raise ValueError(
+        "causal_alignment='bottom_right' aligns the last of the T="
+        f"{q_seq} query rows with the last of the S={kv_seq} keys, padding "
+        "included; with query_seq_lengths/key_value_seq_lengths and 1 < T "
+        "!= S the valid queries and keys would not be aligned. Slice the "
+        "inputs to their valid lengths, or pass the mask as a dense `mask`")
+  if isinstance(scale, jax.core.Tracer):
+    # A traced scale (e.g. 1 / jnp.sqrt(H) under jit) cannot be compiled
+    # into the kernels: fold it into the query instead, in float32 before
+    # the cast, so it stays differentiable.
+    if scale.shape != ():
+      raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
+    query = (query.astype(jnp.float32) * scale).astype(query.dtype)
+    scale = 1.0
   scale = (1.0 / math.sqrt(head_dim) if scale is None
            else _static_number(scale, "scale"))
   spec = MaskSpec(
@@ -356,10 +408,13 @@ def dot_product_attention(
   Args:
     query: ``[B, T, N, H]`` (or ``[T, N, H]``).
     key: ``[B, S, K, H]`` (or ``[S, K, H]``); ``N % K == 0`` (GQA/MQA).
-    value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``.
+    value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``. The Pallas
+      kernels take head dims up to 256; larger ones run on the XLA path.
     bias: additive bias broadcastable to ``[B, N, T, S]``; differentiable.
     mask: boolean mask broadcastable to ``[B, N, T, S]`` (True = attend).
-    scale: logits multiplier; default ``1 / sqrt(H)``. A static number.
+    scale: logits multiplier; default ``1 / sqrt(H)``. A static number is
+      compiled into the kernels; a traced scalar (under ``jit``) is folded
+      into the query instead (rounded to its dtype) and is differentiable.
     is_causal: causal mask. Aligned top-left by default, as in ``jax.nn``:
       query ``i`` sees keys ``0..i``::
 
@@ -387,17 +442,25 @@ def dot_product_attention(
     return_residual: also return the logsumexp ``[B, T, N]`` in natural log,
       like `jax.nn`, but always float32 (`jax.nn` returns the input dtype).
       It is differentiable, except with ``implementation="cudnn"``, whose
-      `jax.nn` backward ignores the lse cotangent.
+      `jax.nn` backward ignores the lse cotangent, and whose lse is computed
+      in the input dtype before the cast to float32.
     query_segment_ids, kv_segment_ids: int ``[B, T]`` / ``[B, S]`` (packed
       documents): a query attends only keys with its segment id.
     causal_alignment: ``"top_left"`` (default, ``jax.nn``) or
       ``"bottom_right"`` (FlashAttention: the last query sees the last key;
       for chunked prefill and decode with ``T < S``). Applies to
-      ``is_causal`` and ``local_window_size``.
+      ``is_causal`` and ``local_window_size``. The alignment uses the
+      padded ``T`` and ``S``: with padding lengths it raises ValueError
+      unless ``T == 1`` or ``T == S``.
     mask_fn: a jnp-traceable predicate ``mask_fn(batch, head, q_idx,
-      kv_idx) -> bool`` (True = attend) on broadcasting index arrays.
+      kv_idx) -> bool`` (True = attend) on broadcasting index arrays. It
+      must compute the mask from the indices alone: a function that
+      captures arrays raises ValueError (the kernels cannot close over
+      them); per-batch data goes in segment ids, lengths or ``mask``.
     logits_soft_cap: if set, logits become ``cap * tanh(logits / cap)``
-      after scale and bias.
+      after scale and bias. So a bias used as an additive mask stops
+      masking (``-inf`` or ``-1e9`` is capped to ``-cap``): pass masks as
+      ``mask``, segment ids or lengths, which are applied after the cap.
     dropout_rate: probability of dropping each attention probability (after
       normalisation; lse is not dropped), rounded to a multiple of 1/256
       (`flash_jax.dropout.drop_probability`; nonzero rates below 1/512 are
@@ -411,7 +474,8 @@ def dot_product_attention(
     block_sizes: `flash_jax.BlockSizes` tiling overrides (tuning only).
     deterministic: True (default): the backward gives bitwise-identical
       gradients on every run. False allows a faster backward whose dQ is
-      summed with float32 atomic adds in an order that varies between runs
+      summed by float32 reduce-adds (TMA, atomic per element) in global
+      memory, in an order that varies between runs
       (same accuracy, last-bit differences): on the Hopper backend (head
       dims up to 128), one kernel then forms dK, dV and dQ. Other backends
       ignore it. (FlashAttention's ``deterministic`` flag; not Flax's,

@@ -76,6 +76,7 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
     allowed = allowed & arrays.mask
   # A -inf bias masks its element like the boolean mask (so a row whose
   # bias is all -inf is empty: output 0, lse -inf, as in the kernels).
+  # Under a soft-cap it no longer does: the cap above maps -inf to -cap.
   allowed = jnp.broadcast_to(allowed, logits.shape) & (logits != -jnp.inf)
 
   # A finite stand-in keeps softmax and its gradient free of NaN on fully

@@ -34,9 +34,8 @@ def qkv(rng):
     (lambda q, k, v: tuple(x.astype(jnp.int32) for x in (q, k, v)),
      "float32, float16 or bfloat16"),
     (lambda q, k, v: (q[:, :0], k, v), ">= 1"),
-    (lambda q, k, v: (jnp.zeros((B, T, N, 257)), jnp.ones((B, S, K, 257)),
-                      v), "head dim must be in"),
-    (lambda q, k, v: (q, k, jnp.ones((B, S, K, 300))), "value head dim"),
+    (lambda q, k, v: (q[..., :0], k[..., :0], v), "head dim must be >= 1"),
+    (lambda q, k, v: (q, k, v[..., :0]), "value head dim must be >= 1"),
 ])
 def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
   with pytest.raises(ValueError, match=message):
@@ -84,9 +83,68 @@ def test_concrete_boolean_arrays_are_static_bools(qkv):
       out, flash_jax.dot_product_attention(*qkv, is_causal=True))
 
 
-def test_traced_scale_is_rejected(qkv):
-  with pytest.raises(ValueError, match="static Python number"):
-    jax.jit(lambda s: flash_jax.dot_product_attention(*qkv, scale=s))(0.5)
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+def test_traced_scale_is_folded_into_the_query(qkv, implementation):
+  """``scale=1 / jnp.sqrt(H)`` under jit (as jax.nn allows): the result is
+  the static scale's, and the scale gets its gradient."""
+  attend = lambda scale: flash_jax.dot_product_attention(  # noqa: E731
+      *qkv, scale=scale, is_causal=True, implementation=implementation)
+  np.testing.assert_allclose(jax.jit(attend)(0.3), attend(0.3),
+                             rtol=1e-5, atol=1e-6)
+  loss = lambda scale: jnp.sum(jnp.sin(attend(scale)))  # noqa: E731
+  step = 1e-2
+  finite_difference = (loss(0.3 + step) - loss(0.3 - step)) / (2 * step)
+  np.testing.assert_allclose(jax.grad(loss)(0.3), finite_difference,
+                             rtol=2e-3)
+  with pytest.raises(ValueError, match="scalar"):
+    jax.jit(attend)(jnp.full((2,), 0.3))
+
+
+def test_head_dims_above_256_run_on_the_xla_path(rng):
+  """As in jax.nn, any head dim is valid; the kernel backends decline
+  those above 256 and say so."""
+  q, k, v, _ = draw_inputs(rng, Case(B, T, S, N, K, 260, 300, True,
+                                     "float32"))
+  out = flash_jax.dot_product_attention(q, k, v, is_causal=True)
+  k_per_head, v_per_head = (jnp.repeat(x, N // K, axis=2) for x in (k, v))
+  logits = jnp.einsum("btnh,bsnh->bnts", q, k_per_head,
+                      precision="highest") / np.sqrt(260)
+  logits = jnp.where(jnp.tril(jnp.ones((T, S), bool)), logits, -jnp.inf)
+  expected = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(logits, axis=-1),
+                        v_per_head, precision="highest")
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(NotImplementedError, match="head dims up to 256"):
+    flash_jax.dot_product_attention(q, k, v, implementation="pallas_triton")
+  with pytest.raises(NotImplementedError, match="head dim 260"):
+    flash_jax.dot_product_attention(
+        q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+        v[..., :260].astype(jnp.bfloat16),
+        implementation="pallas_mosaic_gpu")
+
+
+def test_bottom_right_with_padding_lengths(qkv):
+  """The bottom-right diagonal is placed by the padded T and S, so padding
+  lengths with 1 < T != S are refused; a decode step (T = 1) and T == S
+  are unaffected."""
+  q, k, v = qkv
+  lengths = jnp.array([S - 3, S], jnp.int32)
+  for semantics in (dict(is_causal=True), dict(local_window_size=(4, 0))):
+    with pytest.raises(ValueError, match="bottom_right"):
+      flash_jax.dot_product_attention(
+          q, k, v, causal_alignment="bottom_right",
+          key_value_seq_lengths=lengths, **semantics)
+  decode = flash_jax.dot_product_attention(
+      q[:, -1:], k, v, is_causal=True, causal_alignment="bottom_right",
+      key_value_seq_lengths=lengths)
+  np.testing.assert_allclose(decode, flash_jax.dot_product_attention(
+      q[:, -1:], k, v, key_value_seq_lengths=lengths), rtol=1e-6, atol=1e-6)
+  square = jnp.array([T - 2, T], jnp.int32)
+  np.testing.assert_array_equal(
+      flash_jax.dot_product_attention(
+          q, k[:, :T], v[:, :T], is_causal=True,
+          causal_alignment="bottom_right", query_seq_lengths=square),
+      flash_jax.dot_product_attention(
+          q, k[:, :T], v[:, :T], is_causal=True, query_seq_lengths=square))
 
 
 @pytest.mark.parametrize("field, value", [
@@ -113,6 +171,13 @@ def test_bad_block_sizes(field, value):
     (dict(local_window_size=(-1, 2)), "local_window_size"),
     (dict(causal_alignment="bottom"), "causal_alignment"),
     (dict(mask_fn=3), "mask_fn must be callable"),
+    (dict(mask_fn=lambda b, h, i: i > 0), "mask_fn.*failed"),
+    (dict(mask_fn=lambda b, h, i, j: (i - j).astype(jnp.float32)),
+     "must return one bool"),
+    (dict(mask_fn=lambda b, h, i, j: j < jnp.array([3, 9])[b]),
+     "captures array values"),
+    (dict(mask_fn=lambda b, h, i, j, prefix=jnp.int32(3): j < prefix),
+     "captures array"),
     (dict(logits_soft_cap=0.0), "logits_soft_cap must be > 0"),
     (dict(logits_soft_cap=-2.0), "logits_soft_cap must be > 0"),
     (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), r"\[0, 1\)"),

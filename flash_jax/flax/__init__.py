@@ -138,7 +138,9 @@ def make_attention_fn(**flash_kwargs) -> Callable[..., jax.Array]:
       with flash_jax's in-kernel dropout (``broadcast_dropout=True``: one
       mask for every batch row and head). Flax's masks come from
       `jax.random.bernoulli`, ours from a Philox hash of the same key:
-      same distribution, different draws.
+      different draws, and the rate rounded to a multiple of 1/256 (0.1
+      drops 26/256 = 0.1016 of the probabilities; kept ones are scaled by
+      the inverse of the rounded keep probability).
     - ``dtype``: q, k, v are cast to it (else promoted to a common dtype,
       as Flax does); the output has that dtype.
     - ``precision``: None or any `jax.lax.Precision` level (or a pair).

@@ -59,6 +59,8 @@ def _unsupported(config: AttentionConfig, query, value, bias, arrays
       ("dropout", config.dropout_rate > 0),
       (f"dtype {jnp.dtype(query.dtype).name} (float16/bfloat16 only)",
        jnp.dtype(query.dtype) not in (jnp.float16, jnp.bfloat16)),
+      (f"head dim {query.shape[-1]} (up to {HEAD_DIMS[-1]})",
+       query.shape[-1] > HEAD_DIMS[-1]),
       ("a value head dim different from the query head dim",
        value.shape[-1] != query.shape[-1]),
       ("Pallas interpret mode (Mosaic GPU's cannot run wgmma)",
