@@ -277,18 +277,13 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
     except (TypeError, ValueError) as e:
       raise ValueError(f"dropout_rng must be a JAX PRNG key: {e}") from e
 
-  if causal_alignment == "bottom_right" and q_seq not in (1, kv_seq) and (
+  bottom_right = causal_alignment == "bottom_right"
+  # With padding lengths, bottom-right alignment follows each row's valid
+  # lengths (the last valid query sees the last valid key), as
+  # FlashAttention's varlen and KV-cache calls do.
+  align_to_lengths = bottom_right and (
       is_causal or window is not None) and (
-          query_seq_lengths is not None or key_value_seq_lengths is not None):
-    # The diagonal is placed by the padded T and S (static), so with padding
-    # the last valid query would not meet the last valid key. T == 1 (a
-    # decode step) and T == S are unaffected.
-    raise ValueError(
-        "causal_alignment='bottom_right' aligns the last of the T="
-        f"{q_seq} query rows with the last of the S={kv_seq} keys, padding "
-        "included; with query_seq_lengths/key_value_seq_lengths and 1 < T "
-        "!= S the valid queries and keys would not be aligned. Slice the "
-        "inputs to their valid lengths, or pass the mask as a dense `mask`")
+          query_seq_lengths is not None or key_value_seq_lengths is not None)
   if isinstance(scale, jax.core.Tracer):
     # A traced scale (e.g. 1 / jnp.sqrt(H) under jit) cannot be compiled
     # into the kernels: fold it into the query instead, in float32 before
@@ -301,8 +296,9 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
            else _static_number(scale, "scale"))
   spec = MaskSpec(
       is_causal=is_causal,
-      diagonal_offset=(kv_seq - q_seq if causal_alignment == "bottom_right"
-                       else 0),
+      diagonal_offset=(kv_seq - q_seq
+                       if bottom_right and not align_to_lengths else 0),
+      align_to_lengths=align_to_lengths,
       window_left=None if window is None else window[0],
       window_right=None if window is None else window[1],
       mask_fn=mask_fn)
@@ -363,7 +359,8 @@ def _run_cudnn(call: CanonicalCall, return_residual: bool):
       ("mask_fn", config.mask.mask_fn is not None),
       ("logits_soft_cap", config.logits_soft_cap is not None),
       ("dropout", config.dropout_rate > 0),
-      ("bottom-right alignment", config.mask.diagonal_offset != 0),
+      ("bottom-right alignment", config.mask.diagonal_offset != 0
+       or config.mask.align_to_lengths),
       ("local_window_size", config.mask.window_left is not None)) if used]
   if unsupported:
     raise NotImplementedError(
@@ -449,9 +446,9 @@ def dot_product_attention(
     causal_alignment: ``"top_left"`` (default, ``jax.nn``) or
       ``"bottom_right"`` (FlashAttention: the last query sees the last key;
       for chunked prefill and decode with ``T < S``). Applies to
-      ``is_causal`` and ``local_window_size``. The alignment uses the
-      padded ``T`` and ``S``: with padding lengths it raises ValueError
-      unless ``T == 1`` or ``T == S``.
+      ``is_causal`` and ``local_window_size``. With padding lengths it
+      follows each batch row's valid lengths: the last valid query sees
+      the last valid key (FlashAttention's varlen / KV-cache convention).
     mask_fn: a jnp-traceable predicate ``mask_fn(batch, head, q_idx,
       kv_idx) -> bool`` (True = attend) on broadcasting index arrays. It
       must compute the mask from the indices alone: a function that

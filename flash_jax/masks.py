@@ -22,6 +22,10 @@ Causal alignment is top-left by default, as in
     query 0       x . . . .       x x x . .
     query 1       x x . . .       x x x x .
     query 2       x x x . .       x x x x x
+
+With padding lengths, ``align_to_lengths`` aligns it bottom-right per batch
+row instead: the offset is ``kv_len - q_len``, so the last valid query sees
+the last valid key (FlashAttention's varlen and KV-cache convention).
 """
 
 from __future__ import annotations
@@ -121,6 +125,9 @@ class MaskSpec:
     window_left, window_right: a local window: query ``i`` attends keys in
       ``[i + offset - window_left, i + offset + window_right]``; None leaves
       that side unbounded.
+    align_to_lengths: the offset is ``kv_len - q_len`` of each batch row
+      (bottom-right alignment of the valid rows), not ``diagonal_offset``.
+      The element mask then needs ``q_len``.
     mask_fn: an optional jnp-traceable predicate ``mask_fn(batch, head,
       q_idx, kv_idx) -> bool`` (True = attend), evaluated element-wise. The
       block ranges do not see it; `flash_jax.block_map` skips blocks for
@@ -136,6 +143,16 @@ class MaskSpec:
   window_left: int | None = None
   window_right: int | None = None
   mask_fn: Any = None
+  align_to_lengths: bool = False
+
+  def offset(self, q_len, kv_len):
+    """Where query 0's diagonal sits: ``kv_len - q_len`` when aligned to
+    the lengths, else the static ``diagonal_offset``."""
+    if self.align_to_lengths:
+      if q_len is None:
+        raise ValueError("a MaskSpec aligned to lengths needs q_len")
+      return kv_len - q_len
+    return self.diagonal_offset
 
   def _reach(self) -> tuple[int | None, int | None]:
     """How far left/right of the aligned diagonal a query sees (None = all)."""
@@ -144,18 +161,19 @@ class MaskSpec:
       right = 0 if right is None else min(right, 0)
     return self.window_left, right
 
-  def allows(self, q_idx, kv_idx, kv_len, *, q_segment=None, kv_segment=None,
-             batch=None, head=None):
+  def allows(self, q_idx, kv_idx, kv_len, *, q_len=None, q_segment=None,
+             kv_segment=None, batch=None, head=None):
     """Element-wise mask: True where query ``q_idx`` attends key ``kv_idx``.
 
     Arguments broadcast against each other; ``kv_len`` is the number of
-    valid keys (padding mask). Segment ids, when given, must be equal.
+    valid keys (padding mask); ``q_len`` (valid queries) is needed only
+    with ``align_to_lengths``. Segment ids, when given, must be equal.
     ``batch``/``head`` indices are needed only with a ``mask_fn``. Query
     padding is handled by the callers (padded query rows are zeroed).
     """
     allowed = kv_idx < kv_len
     left, right = self._reach()
-    diagonal = q_idx + self.diagonal_offset
+    diagonal = q_idx + self.offset(q_len, kv_len)
     if right is not None:
       allowed = allowed & (kv_idx <= diagonal + right)
     if left is not None:
@@ -176,10 +194,10 @@ class MaskSpec:
       kv_len: valid keys.
       block_kv: key block size.
     """
+    offset = self.offset(q_len, kv_len)
     q_stop = _min(q_stop, q_len)
     left, right = self._reach()
-    first, last = q_start + self.diagonal_offset, q_stop - 1 + \
-        self.diagonal_offset
+    first, last = q_start + offset, q_stop - 1 + offset
     lo, hi, full_lo, full_hi = 0, kv_len, 0, kv_len
     if right is not None:
       hi = _min(hi, last + right + 1)           # the last row reaches furthest
@@ -198,9 +216,9 @@ class MaskSpec:
     The full sub-range holds query blocks that attend every key of the block;
     a key block that straddles ``kv_len`` has none.
     """
+    offset = self.offset(q_len, kv_len)
     left, right = self._reach()
-    first, last = kv_start - self.diagonal_offset, kv_stop - 1 - \
-        self.diagonal_offset
+    first, last = kv_start - offset, kv_stop - 1 - offset
     lo, hi, full_lo, full_hi = 0, q_len, 0, q_len
     if right is not None:
       lo = first - right          # query i sees key j iff i >= j - off - right

@@ -68,8 +68,9 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
   if arrays.q_segment_ids is not None:
     segments = dict(q_segment=arrays.q_segment_ids[:, None, :, None],
                     kv_segment=arrays.kv_segment_ids[:, None, None, :])
-  allowed = config.mask.allows(q_idx, kv_idx, kv_len, batch=b_idx,
-                               head=h_idx, **segments)
+  q_len = q_seq if arrays.q_lengths is None else per_batch(arrays.q_lengths)
+  allowed = config.mask.allows(q_idx, kv_idx, kv_len, q_len=q_len,
+                               batch=b_idx, head=h_idx, **segments)
   if arrays.q_lengths is not None:
     allowed = allowed & (q_idx < per_batch(arrays.q_lengths))
   if arrays.mask is not None:

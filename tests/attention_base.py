@@ -195,6 +195,21 @@ class AttentionTestBase:
         q, k, v, do, is_causal=is_causal, local_window_size=window,
         causal_alignment=alignment, block_sizes=self.small_tiles)
 
+  @pytest.mark.parametrize("window, sizes", [
+      (None, (37, 130)), ((16, 0), (50, 120)), ((8, 3), (97, 80))])
+  def test_bottom_right_follows_padding_lengths(self, rng, window, sizes):
+    """Chunked prefill on a padded cache: with lengths, bottom-right
+    alignment puts each row's last valid query on its last valid key."""
+    case = Case(3, *sizes, 4, 2, 64, 64, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    q_seq, kv_seq = sizes
+    q_lengths = jnp.array([q_seq, q_seq - 11, 5], jnp.int32)
+    kv_lengths = jnp.array([kv_seq - 7, kv_seq, 30], jnp.int32)
+    self.check_against_reference(
+        q, k, v, do, is_causal=True, local_window_size=window,
+        causal_alignment="bottom_right", query_seq_lengths=q_lengths,
+        key_value_seq_lengths=kv_lengths, block_sizes=self.small_tiles)
+
   # -- Features (issue 3): each alone and in pairs, FlashAttention's rule. --
 
   @pytest.mark.parametrize("bias_shape", [

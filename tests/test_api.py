@@ -122,29 +122,39 @@ def test_head_dims_above_256_run_on_the_xla_path(rng):
         implementation="pallas_mosaic_gpu")
 
 
-def test_bottom_right_with_padding_lengths(qkv):
-  """The bottom-right diagonal is placed by the padded T and S, so padding
-  lengths with 1 < T != S are refused; a decode step (T = 1) and T == S
-  are unaffected."""
+@pytest.mark.parametrize("implementation", ["xla", "pallas_triton"])
+@pytest.mark.parametrize("window", [None, (4, 1)])
+def test_bottom_right_follows_padding_lengths(qkv, implementation, window):
+  """With padding lengths, bottom-right alignment follows each row's valid
+  lengths (FlashAttention's varlen / KV-cache convention): checked against
+  the same attention given as a dense mask built here by hand."""
   q, k, v = qkv
-  lengths = jnp.array([S - 3, S], jnp.int32)
-  for semantics in (dict(is_causal=True), dict(local_window_size=(4, 0))):
-    with pytest.raises(ValueError, match="bottom_right"):
-      flash_jax.dot_product_attention(
-          q, k, v, causal_alignment="bottom_right",
-          key_value_seq_lengths=lengths, **semantics)
+  q_len = np.array([T, T - 6])
+  kv_len = np.array([S - 3, S - 9])
+  offset = (kv_len - q_len)[:, None, None, None]
+  i = np.arange(T)[None, None, :, None]
+  j = np.arange(S)[None, None, None, :]
+  left = None if window is None else window[0]   # causal: no key right of it
+  allowed = (j < kv_len[:, None, None, None]) & (j <= i + offset)
+  if left is not None:
+    allowed &= j >= i + offset - left
+  attend = lambda q, **kwargs: flash_jax.dot_product_attention(  # noqa: E731
+      q, k, v, query_seq_lengths=jnp.asarray(q_len, jnp.int32),
+      implementation=implementation, block_sizes=flash_jax.BlockSizes(
+          block_q=16, block_kv=16), **kwargs)
+  aligned = attend(q, is_causal=True, local_window_size=window,
+                   causal_alignment="bottom_right",
+                   key_value_seq_lengths=jnp.asarray(kv_len, jnp.int32))
+  dense = attend(q, mask=jnp.asarray(allowed))
+  np.testing.assert_allclose(aligned, dense, rtol=1e-5, atol=1e-6)
+  # Decode (T = 1): the one query sees every valid key.
   decode = flash_jax.dot_product_attention(
       q[:, -1:], k, v, is_causal=True, causal_alignment="bottom_right",
-      key_value_seq_lengths=lengths)
+      key_value_seq_lengths=jnp.asarray(kv_len, jnp.int32),
+      implementation=implementation)
   np.testing.assert_allclose(decode, flash_jax.dot_product_attention(
-      q[:, -1:], k, v, key_value_seq_lengths=lengths), rtol=1e-6, atol=1e-6)
-  square = jnp.array([T - 2, T], jnp.int32)
-  np.testing.assert_array_equal(
-      flash_jax.dot_product_attention(
-          q, k[:, :T], v[:, :T], is_causal=True,
-          causal_alignment="bottom_right", query_seq_lengths=square),
-      flash_jax.dot_product_attention(
-          q, k[:, :T], v[:, :T], is_causal=True, query_seq_lengths=square))
+      q[:, -1:], k, v, key_value_seq_lengths=jnp.asarray(kv_len, jnp.int32),
+      implementation=implementation), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("field, value", [
@@ -373,3 +383,23 @@ def test_deterministic_false_reaches_the_config_and_triton_ignores_it(
     flash_jax.dot_product_attention(q, k, v, implementation="xla",
                                     deterministic=deterministic)
   assert [c.deterministic for c in configs] == [True, False]
+
+
+def test_hopper_backend_declines_alignment_to_lengths(qkv):
+  """The Mosaic kernels place the bottom-right diagonal statically; aligned
+  to padding lengths, the call falls through (to the Triton kernels)."""
+  from flash_jax.backends import pallas_mosaic_gpu
+  q, k, v = (x.astype(jnp.bfloat16) for x in qkv)
+  lengths = jnp.array([S - 2, S], jnp.int32)
+  call = api.canonicalize(q, k, v, is_causal=True,
+                          causal_alignment="bottom_right",
+                          key_value_seq_lengths=lengths)
+  assert call.config.mask.align_to_lengths
+  assert call.config.mask.diagonal_offset == 0
+  with pytest.raises(NotImplementedError, match="padding lengths"):
+    pallas_mosaic_gpu.check_supported(call.config, call.query, call.key,
+                                      call.value, None, call.arrays)
+  plain = api.canonicalize(q, k, v, is_causal=True,
+                           causal_alignment="bottom_right")
+  assert not plain.config.mask.align_to_lengths
+  assert plain.config.mask.diagonal_offset == S - T

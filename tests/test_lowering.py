@@ -74,6 +74,9 @@ WINDOWED = {
     "window": MaskSpec(is_causal=True, window_left=1024, window_right=0),
     "bottom_right": MaskSpec(is_causal=True, diagonal_offset=4096 - 512,
                              window_left=300, window_right=None),
+    # Bottom-right per batch row (offset kv_len - q_len, from the lengths).
+    "bottom_right_to_lengths": MaskSpec(is_causal=True, align_to_lengths=True,
+                                        window_left=300, window_right=None),
 }
 
 
@@ -145,6 +148,9 @@ FEATURE_CASES = {
     "soft_cap_dropout": (
         2, 200, 177, 4, 2, 111, 96, jnp.float16, None,
         dict(logits_soft_cap=30.0, dropout_rate=0.2, is_causal=True)),
+    "bias_bottom_right_to_lengths": (
+        2, 97, 203, 4, 2, 64, 64, jnp.bfloat16, (2, 4, 97, 203),
+        dict(is_causal=True, causal_alignment="bottom_right", lengths=True)),
     "everything": (
         2, 300, 300, 4, 2, 64, 64, jnp.bfloat16, (2, 1, 300, 300),
         dict(is_causal=True, segments=True, mask=(1, 4, 300, 300),

@@ -18,9 +18,14 @@ from flash_jax import block_map
 from flash_jax.masks import MaskArrays, MaskSpec
 
 
-def _random_spec(rs: np.random.RandomState, q_seq: int, kv_seq: int):
+def _random_spec(rs: np.random.RandomState, q_seq: int, kv_seq: int, *,
+                 may_align_to_lengths: bool = False):
+  """A random causal/window spec; with ``may_align_to_lengths``, a quarter
+  of them align bottom-right to each row's lengths."""
   window = rs.rand() < 0.6
+  aligned = may_align_to_lengths and rs.rand() < 0.25
   return MaskSpec(
+      align_to_lengths=aligned,
       is_causal=bool(rs.rand() < 0.5),
       diagonal_offset=int(rs.choice([0, kv_seq - q_seq, rs.randint(-40, 40)])),
       window_left=int(rs.randint(0, 90)) if window and rs.rand() < 0.8
@@ -32,7 +37,7 @@ def _random_spec(rs: np.random.RandomState, q_seq: int, kv_seq: int):
 def _dense(spec, q_seq, kv_seq, q_len, kv_len):
   q_idx = np.arange(q_seq)[:, None]
   kv_idx = np.arange(kv_seq)[None, :]
-  allowed = np.asarray(spec.allows(q_idx, kv_idx, kv_len))
+  allowed = np.asarray(spec.allows(q_idx, kv_idx, kv_len, q_len=q_len))
   return allowed & (q_idx < q_len)
 
 
@@ -43,7 +48,7 @@ def test_block_ranges_match_brute_force(seed):
   block_q, block_kv = (int(x) for x in rs.choice([16, 32, 64], size=2))
   q_len = int(rs.randint(0, q_seq + 1)) if rs.rand() < 0.3 else q_seq
   kv_len = int(rs.randint(0, kv_seq + 1)) if rs.rand() < 0.3 else kv_seq
-  spec = _random_spec(rs, q_seq, kv_seq)
+  spec = _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True)
   allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
   n_q = -(-q_seq // block_q)
   n_kv = -(-kv_seq // block_kv)
@@ -110,6 +115,7 @@ def _dense_everything(spec, rs, batch, heads, q_seq, kv_seq):
   i, j = np.arange(q_seq)[None, None, :, None], np.arange(kv_seq)[None, None,
                                                                     None, :]
   truth = np.asarray(spec.allows(i, j, kv_len[:, None, None, None],
+                                 q_len=q_len[:, None, None, None],
                                  q_segment=q_ids[:, None, :, None],
                                  kv_segment=kv_ids[:, None, None, :],
                                  batch=b, head=h))
@@ -136,8 +142,9 @@ def test_block_map_matches_brute_force(seed):
   batch, heads = int(rs.randint(1, 3)), int(rs.randint(1, 4))
   q_seq, kv_seq = (int(x) for x in rs.randint(1, 120, size=2))
   block_q, block_kv = (int(x) for x in rs.choice([16, 32], size=2))
-  spec = dataclasses.replace(_random_spec(rs, q_seq, kv_seq),
-                             mask_fn=MASK_FNS[seed % len(MASK_FNS)])
+  spec = dataclasses.replace(
+      _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True),
+      mask_fn=MASK_FNS[seed % len(MASK_FNS)])
   arrays, truth, q_len = _dense_everything(spec, rs, batch, heads, q_seq,
                                            kv_seq)
   states = np.asarray(block_map.block_states(
@@ -179,8 +186,9 @@ def test_maps_of_several_tilings_equal_maps_made_one_at_a_time(seed):
   rs = np.random.RandomState(100 + seed)
   batch, heads = int(rs.randint(1, 3)), int(rs.randint(1, 4))
   q_seq, kv_seq = (int(x) for x in rs.randint(1, 200, size=2))
-  spec = dataclasses.replace(_random_spec(rs, q_seq, kv_seq),
-                             mask_fn=MASK_FNS[seed % len(MASK_FNS)])
+  spec = dataclasses.replace(
+      _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True),
+      mask_fn=MASK_FNS[seed % len(MASK_FNS)])
   arrays, _, _ = _dense_everything(spec, rs, batch, heads, q_seq, kv_seq)
   tiles = [(16, 32), (64, 16), (32, 64)]
   dims = dict(batch=batch, num_heads=heads, q_seq=q_seq, kv_seq=kv_seq)

@@ -11,7 +11,9 @@ residuals (out, lse), which the shared residual contract allows.
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`).
 
-It takes: causal (either alignment), local windows, padding lengths, GQA/MQA,
+It takes: causal (either alignment, but bottom-right only as the static
+``S - T`` offset, not aligned to padding lengths), local windows, padding
+lengths, GQA/MQA,
 any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
 dim equal to the query head dim), float16 and bfloat16, soft-cap. Anything
 else raises NotImplementedError so the dispatcher falls through (usually to
@@ -56,6 +58,7 @@ def _unsupported(config: AttentionConfig, query, value, bias, arrays
       ("a dense mask", arrays.mask is not None),
       ("segment ids", arrays.q_segment_ids is not None),
       ("mask_fn", spec.mask_fn is not None),
+      ("bottom-right alignment to padding lengths", spec.align_to_lengths),
       ("dropout", config.dropout_rate > 0),
       (f"dtype {jnp.dtype(query.dtype).name} (float16/bfloat16 only)",
        jnp.dtype(query.dtype) not in (jnp.float16, jnp.bfloat16)),

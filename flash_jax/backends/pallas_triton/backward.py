@@ -54,7 +54,8 @@ def _dkv_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
                               pl.program_id(2))
   q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
   kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
-  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
+  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed),
+                           q_len)
 
   kv_start = kv_block * block_kv
   kv_idx = kv_start + jnp.arange(block_kv)
@@ -142,7 +143,8 @@ def _dq_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   batch, head = pl.program_id(1), pl.program_id(2)
   q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
   kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
-  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
+  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed),
+                           q_len)
 
   q_start = q_block * block_q
   q_idx = q_start + jnp.arange(block_q)
@@ -221,7 +223,9 @@ def _dbias_kernel(*refs, p: KernelParams, names: tuple[str, ...],
     head = bias_n if loop_n == 1 else jax.lax.rem(t, loop_n)
     kv_head = head // p.groups
     kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
-    ctx = common.TileContext(batch, kv_len, seed)
+    q_len = (common.clamp_length(inputs.q_len[batch], p.q_seq)
+             if p.mask.align_to_lengths else None)
+    ctx = common.TileContext(batch, kv_len, seed, q_len)
     state = states[pick(states, batch), head if states.shape[1] > 1 else jnp.int32(0),
                    q_block, kv_block]
 

@@ -257,6 +257,7 @@ class TileContext:
   batch: jax.Array       # batch index
   kv_len: jax.Array      # valid keys of this batch row
   seed: tuple | None     # dropout hash key words, or None
+  q_len: jax.Array | None = None  # valid queries (for align_to_lengths)
 
 
 def element_mask(p: KernelParams, ctx: TileContext, head, q_idx, kv_idx, *,
@@ -267,7 +268,8 @@ def element_mask(p: KernelParams, ctx: TileContext, head, q_idx, kv_idx, *,
     segments = dict(q_segment=q_segment[:, None],
                     kv_segment=kv_segment[None, :])
   allowed = p.mask.allows(q_idx[:, None], kv_idx[None, :], ctx.kv_len,
-                          batch=ctx.batch, head=head, **segments)
+                          q_len=ctx.q_len, batch=ctx.batch, head=head,
+                          **segments)
   if dense is not None:
     allowed = allowed & (dense != 0)
   return allowed

@@ -43,7 +43,8 @@ def _forward_kernel(*refs, p: KernelParams, names: tuple[str, ...]):
   batch, head = pl.program_id(1), pl.program_id(2)
   q_len = common.clamp_length(inputs.q_len[batch], p.q_seq)
   kv_len = common.clamp_length(inputs.kv_len[batch], p.kv_seq)
-  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed))
+  ctx = common.TileContext(batch, kv_len, common.load_seed(inputs.seed),
+                           q_len)
 
   q_start = q_block * block_q
   q_idx = q_start + jnp.arange(block_q)
