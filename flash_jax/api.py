@@ -18,7 +18,7 @@ import numpy as np
 
 from flash_jax import backends, dropout, platform
 from flash_jax.config import AttentionConfig, BlockSizes
-from flash_jax.masks import MaskArrays, MaskSpec
+from flash_jax.masks import MaskArrays, MaskSpec, trace_mask_fn
 from flash_jax.vjp import flash_attention
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16),
@@ -145,9 +145,8 @@ def _check_mask_fn(mask_fn) -> None:
     return
   if not callable(mask_fn):
     raise ValueError(f"mask_fn must be callable, got {mask_fn!r}")
-  index = jax.ShapeDtypeStruct((), jnp.int32)
   try:
-    traced = jax.make_jaxpr(mask_fn)(index, index, index, index)
+    traced = trace_mask_fn(mask_fn)
   except Exception as e:  # the caller's code: report any failure as theirs
     raise ValueError(
         "mask_fn(batch, head, q_idx, kv_idx) failed on int32 scalar indices "

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flash_jax.masks import MaskArrays, MaskSpec, cdiv
+from flash_jax.masks import MaskArrays, MaskSpec, cdiv, trace_mask_fn
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -70,9 +70,7 @@ def mask_fn_uses(mask_fn: Callable) -> tuple[bool, bool]:
   change the result, so the map need not vary along it. (Conservative: an
   input read only by dead code still counts as used.)
   """
-  scalar = jax.ShapeDtypeStruct((), jnp.int32)
-  closed = jax.make_jaxpr(mask_fn)(scalar, scalar, scalar, scalar)
-  jaxpr = closed.jaxpr
+  jaxpr = trace_mask_fn(mask_fn).jaxpr
   read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
   read |= {id(v) for v in jaxpr.outvars}
   return tuple(id(v) in read for v in jaxpr.invars[:2])

@@ -106,6 +106,14 @@ def _split(lo, hi, full_lo, full_hi, block: int) -> BlockRange:
   return BlockRange(block_lo, full_block_lo, full_block_hi, block_hi)
 
 
+def trace_mask_fn(mask_fn):
+  """``mask_fn(batch, head, q_idx, kv_idx)`` traced on int32 scalars, as a
+  ClosedJaxpr: what the API checks (arity, a bool result, no captured
+  arrays) and what the block map reads (which indices it uses)."""
+  index = jax.ShapeDtypeStruct((), jnp.int32)
+  return jax.make_jaxpr(mask_fn)(index, index, index, index)
+
+
 def _where(cond, if_true, if_false):
   if isinstance(cond, bool):
     return if_true if cond else if_false

@@ -72,7 +72,7 @@ def attention(query, key, value, bias=None, arrays: MaskArrays | None = None,
   allowed = config.mask.allows(q_idx, kv_idx, kv_len, q_len=q_len,
                                batch=b_idx, head=h_idx, **segments)
   if arrays.q_lengths is not None:
-    allowed = allowed & (q_idx < per_batch(arrays.q_lengths))
+    allowed = allowed & (q_idx < q_len)
   if arrays.mask is not None:
     allowed = allowed & arrays.mask
   # A -inf bias masks its element like the boolean mask (so a row whose
