@@ -17,7 +17,9 @@ The two changes:
 
 Variants: ``base`` (both off), ``heavy_first``, ``fold``, ``both`` (the
 shipped kernels). A case is ``T`` (non-causal) or ``Tc`` (causal) at
-B*T = 16k tokens, N=16, H=128, bf16. ``cudnn`` (jax.nn's) is timed once per
+B*T = 16k tokens, N=16, H=128, bf16; ``T/H`` or ``Tc/H`` sets head dim H
+(N = 2048 / H). Other schedules (ping-pong, overlap) are harness
+implementations (``--implementations flash_jax_mosaic_overlap,...``). ``cudnn`` (jax.nn's) is timed once per
 case, for the ratio. Every variant computes the same function; the test
 suite checks the shipped kernels, and each timing here is preceded by the
 harness's check against the reference.
@@ -65,9 +67,14 @@ def _set_variant(heavy_first: bool, fold: bool) -> None:
 
 
 def _row(case: str) -> harness.Row:
+  """``T``, ``Tc`` (causal), optionally ``/H`` for head dim ``H`` (N*H =
+  2048)."""
+  case, _, head_dim = case.partition("/")
+  head_dim = int(head_dim or 128)
   causal = case.endswith("c")
   seq = int(case.rstrip("c"))
-  return harness.Row(16384 // seq, seq, seq, 16, 16, 128, causal)
+  return harness.Row(16384 // seq, seq, seq, 2048 // head_dim,
+                     2048 // head_dim, head_dim, causal)
 
 
 def main():
@@ -97,7 +104,7 @@ def main():
       start = time.perf_counter()
       for entry in harness.measure(row, [impl], modes=modes, trials=5):
         mode = entry["pass"]
-        head = f"{case:8s} {mode:8s} {impl:18s} {variant:11s}"
+        head = f"{case:8s} {mode:8s} {impl:36s} {variant:11s}"
         if "error" in entry:
           print(f"{head} error {entry['error'][:300]}", flush=True)
           continue
