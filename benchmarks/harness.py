@@ -232,18 +232,6 @@ IMPLEMENTATIONS: dict[str, Callable] = {
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=True)),
     "flash_jax_mosaic_no_pingpong": _flash(
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=False)),
-    # ... and with the forward's intra-warpgroup overlap forced on / off
-    # (with the ping-pong default, on, and off).
-    "flash_jax_mosaic_overlap": _flash(
-        "pallas_mosaic_gpu", flash_jax.BlockSizes(overlap=True)),
-    "flash_jax_mosaic_no_overlap": _flash(
-        "pallas_mosaic_gpu", flash_jax.BlockSizes(overlap=False)),
-    "flash_jax_mosaic_overlap_pingpong": _flash(
-        "pallas_mosaic_gpu",
-        flash_jax.BlockSizes(overlap=True, ping_pong=True)),
-    "flash_jax_mosaic_overlap_no_pingpong": _flash(
-        "pallas_mosaic_gpu",
-        flash_jax.BlockSizes(overlap=True, ping_pong=False)),
     # Its backward with deterministic=False (dQ reduce-added by the dK/dV
     # kernel, head dims up to 128).
     "flash_jax_mosaic_nondeterministic": _flash("pallas_mosaic_gpu",

@@ -18,10 +18,6 @@ def _is_power_of_two(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 
 
-# BlockSizes fields that choose a Hopper forward schedule (bools), not a tile.
-HOPPER_SCHEDULE_FIELDS = ("ping_pong", "overlap")
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling overrides for the Pallas kernels. Tuning only: no semantics.
@@ -45,16 +41,9 @@ class BlockSizes:
       ping-pong schedule), so one's softmax overlaps the other's matrix
       products. None (the default) turns it on for head dims padded to 128,
       where it measured faster on an H100, and off for 64 and 256, where
-      it did not.
-    overlap: the Hopper backend's forward only: each consumer issues the
-      scores of key block t with the P V product of block t-1 and runs
-      block t's softmax while that product is on the tensor cores
-      (FlashAttention-3's intra-warpgroup overlap). None keeps the
-      backend's default.
-
-  The Hopper backend takes no field but ``ping_pong`` and ``overlap``:
-  given another, it declines the call (falling through to the Triton
-  backend, whose tiling the fields describe).
+      it did not. The Hopper backend takes no other field: given one, it
+      declines the call (falling through to the Triton backend, whose
+      tiling the fields describe).
 
   Tiles that cannot fit the GPU's shared memory (estimated ahead of time)
   raise ValueError when the call is traced, not a compile error later.
@@ -75,17 +64,15 @@ class BlockSizes:
   num_warps_dq: int | None = None
   num_stages_dq: int | None = None
   ping_pong: bool | None = None
-  overlap: bool | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if value is None:
         continue
-      if field.name in HOPPER_SCHEDULE_FIELDS:
+      if field.name == "ping_pong":
         if not isinstance(value, bool):
-          raise ValueError(
-              f"BlockSizes.{field.name} must be a bool, got {value!r}")
+          raise ValueError(f"BlockSizes.ping_pong must be a bool, got {value!r}")
         continue
       if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flash_jax import platform
 from flash_jax.backends.pallas_mosaic_gpu import backward as _backward
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
-from flash_jax.config import HOPPER_SCHEDULE_FIELDS, AttentionConfig
+from flash_jax.config import AttentionConfig
 
 NAME = "pallas_mosaic_gpu"
 HEAD_DIMS = (64, 128, 256)
@@ -41,12 +41,11 @@ def _padded_head_dim(head_dim: int) -> int:
 
 def _triton_tiling_fields(config: AttentionConfig) -> list[str]:
   """The `BlockSizes` fields set in the call that this backend cannot honour
-  (all but ``ping_pong`` and ``overlap``: they describe the Triton kernels'
-  tiling)."""
+  (all but ``ping_pong``: they describe the Triton kernels' tiling)."""
   if config.block_sizes is None:
     return []
   return [f.name for f in dataclasses.fields(config.block_sizes)
-          if f.name not in HOPPER_SCHEDULE_FIELDS
+          if f.name != "ping_pong"
           and getattr(config.block_sizes, f.name) is not None]
 
 
@@ -93,16 +92,10 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
 PING_PONG_HEAD_DIMS = (128,)
 
 
-# Head dims (padded) whose forward overlaps each block's softmax with the
-# previous block's P V product unless BlockSizes.overlap says otherwise.
-OVERLAP_HEAD_DIMS = ()
-
-
-def _schedule(config: AttentionConfig, field: str, default_head_dims,
-              padded_head_dim: int) -> bool:
-  chosen = getattr(config.block_sizes, field) if config.block_sizes else None
+def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
+  chosen = config.block_sizes.ping_pong if config.block_sizes else None
   if chosen is None:
-    return padded_head_dim in default_head_dims
+    return padded_head_dim in PING_PONG_HEAD_DIMS
   return chosen
 
 
@@ -116,8 +109,7 @@ def _params(config: AttentionConfig, query, key):
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
       stages=3 if padded <= 64 else 2,
-      ping_pong=_schedule(config, "ping_pong", PING_PONG_HEAD_DIMS, padded),
-      overlap=_schedule(config, "overlap", OVERLAP_HEAD_DIMS, padded),
+      ping_pong=_ping_pong(config, padded),
       fused_dq=not config.deterministic)
 
 

@@ -35,15 +35,11 @@ def own_phase_steps(own, lo, steps):
   return first_full, end_full
 
 
-def run_phases(total, first_full, end_full, step, carry, start=0):
-  """``step(t, carry, masked=...)`` for ``t`` in ``[start, total)``: masked
-  steps, unmasked steps, then masked steps, so only blocks on a mask
-  boundary pay for the element mask."""
+def run_phases(total, first_full, end_full, step, carry):
+  """``step(t, carry, masked=...)`` over masked steps, unmasked steps, then
+  masked steps: only blocks on a mask boundary pay for the element mask."""
   masked = functools.partial(step, masked=True)
-  if start:
-    first_full = jnp.maximum(first_full, start)
-    end_full = jnp.maximum(end_full, start)
-  carry = lax.fori_loop(start, first_full, masked, carry)
+  carry = lax.fori_loop(0, first_full, masked, carry)
   carry = lax.fori_loop(first_full, end_full,
                         functools.partial(step, masked=False), carry)
   return lax.fori_loop(end_full, total, masked, carry)

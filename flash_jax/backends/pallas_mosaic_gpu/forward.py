@@ -73,7 +73,6 @@ class ForwardParams:
   block_kv: int
   stages: int
   ping_pong: bool = False   # consumers take turns on the tensor cores
-  overlap: bool = False     # softmax of block t overlaps P V of block t-1
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
 
   @property
@@ -126,7 +125,7 @@ def _row_vector_of(tile_condition):
 
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
                     lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
-                    k_ready, v_ready, k_free, v_free, schedule, turn, *,
+                    k_ready, v_ready, k_free, v_free, schedule, *,
                     p: ForwardParams):
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
@@ -162,26 +161,23 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(schedule)
 
-    # The overlapped schedule's ping-pong (FlashAttention-3's): a consumer
-    # waits for its turn only to issue its products, then passes the turn
-    # on without waiting; the consumers never meet.
-    def take_turn():
-      if p.ping_pong:
-        plgpu.barrier_wait(turn.at[wg])
+    def step(t, carry, *, masked: bool):
+      acc, m_prev, l_prev = carry
+      slot = lax.rem(t, jnp.int32(stages))
+      plgpu.barrier_wait(k_ready.at[slot])
 
-    def pass_turn():
-      if p.ping_pong:
-        plgpu.barrier_arrive(turn.at[1 - wg])
-
-    def softmax_update(s, m_prev, l_prev, kv_start, *, masked: bool):
-      """The online softmax of raw scores ``s`` (keys from ``kv_start``):
-      the new row max and sum, the factor the output accumulator must be
-      rescaled by, and the probabilities (in the input dtype, for the P V
-      product)."""
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+        if p.ping_pong:
+          hand_over()   # issued; the other consumer's softmax may start
+        return acc_ref[...]
+      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+      plgpu.barrier_arrive(k_free.at[slot])
       # With folds_scale, logits stay raw scores until the exponent.
       logits = s if p.folds_scale else _scaled_logits(s, p)
       if masked:
-        allowed = common.tile_allowed(p, tile, q_start, kv_start, kv_len)
+        allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
+                                      kv_len)
         logits = jnp.where(allowed, logits, -jnp.inf)
       row_max = jnp.max(logits, axis=1)
       if p.folds_scale:
@@ -195,26 +191,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       correction = jnp.exp2(m_prev - m_shift)
       probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, tile, [0]))
       l_next = l_prev * correction + jnp.sum(probs, axis=1)
-      return m_next, l_next, correction, probs.astype(p.dtype)
-
-    def rescaled(acc, correction):
-      return acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-
-    def step(t, carry, *, masked: bool):
-      acc, m_prev, l_prev = carry
-      slot = lax.rem(t, jnp.int32(stages))
-      plgpu.barrier_wait(k_ready.at[slot])
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-        if p.ping_pong:
-          hand_over()   # issued; the other consumer's softmax may start
-        return acc_ref[...]
-      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
-      m_next, l_next, correction, probs = softmax_update(
-          s, m_prev, l_prev, (lo + t) * block_kv, masked=masked)
-      acc = rescaled(acc, correction)
+      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+      probs = probs.astype(p.dtype)
       if p.ping_pong:
         plgpu.barrier_arrive(schedule)      # softmax done
       plgpu.barrier_wait(v_ready.at[slot])
@@ -227,75 +205,6 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       plgpu.barrier_arrive(v_free.at[slot])
       return acc, m_next, l_next
 
-    def overlapped_step(t, carry, *, masked: bool):
-      """Step ``t >= 1`` with the products of two blocks in flight
-      (FlashAttention-3, Sec. 3.2, intra-warpgroup overlap): ``S_t = Q
-      K_t^T`` and ``O += P_{t-1} V_{t-1}`` are issued together, and the
-      softmax of ``S_t`` runs while the second is on the tensor cores.
-      ``O`` is rescaled for block ``t`` once that product has landed."""
-      acc, m_prev, l_prev, probs_prev = carry
-      slot = lax.rem(t, jnp.int32(stages))
-      prev_slot = lax.rem(t - 1, jnp.int32(stages))
-      # Computed here, not in run_state's body: a concrete value closed over
-      # there (``lo`` is one without a mask) fails Mosaic GPU's lowering.
-      kv_start = (lo + t) * block_kv
-      plgpu.barrier_wait(k_ready.at[slot])
-      plgpu.barrier_wait(v_ready.at[prev_slot])
-      take_turn()
-
-      def products(refs):
-        acc_ref, m_ref, l_ref, correction_ref, probs_ref = refs
-
-        def scores(s_ref):
-          plgpu.wgmma(s_ref, qo, k_smem.at[slot].transpose((1, 0)))
-          plgpu.wgmma(acc_ref, probs_prev, v_smem.at[prev_slot])
-          pass_turn()
-          return plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-        s = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
-        plgpu.barrier_arrive(k_free.at[slot])
-        (m_ref[...], l_ref[...], correction_ref[...],
-         probs_ref[...]) = softmax_update(s, m_prev, l_prev, kv_start,
-                                          masked=masked)
-      # Leaving run_state waits for P_{t-1} V_{t-1}; the softmax above ran
-      # while it was on the tensor cores. (The correction's initial value
-      # only gives its ref a shape and layout.)
-      acc, m_next, l_next, correction, probs = pl.run_state(products)(
-          (plgpu.ACC.init(acc), m_prev, l_prev, m_prev, probs_prev))
-      plgpu.barrier_arrive(v_free.at[prev_slot])
-      acc = rescaled(acc, correction)
-      return acc, m_next, l_next, probs
-
-    def run_overlapped(carry):
-      """Block 0's scores alone, steps 1.. overlapped, then the last P V
-      alone. Only called with ``steps >= 1``."""
-      acc, m, l = carry
-      if p.ping_pong:
-        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))  # first
-      plgpu.barrier_wait(k_ready.at[0])
-      take_turn()
-
-      def first_scores(s_ref):
-        plgpu.wgmma(s_ref, qo, k_smem.at[0].transpose((1, 0)))
-        pass_turn()
-        return s_ref[...]
-      s = pl.run_scoped(first_scores, plgpu.ACC(tile, jnp.float32))
-      plgpu.barrier_arrive(k_free.at[0])
-      # Block 0 may sit on a mask boundary whatever the phases say: mask it.
-      m, l, _, probs = softmax_update(s, m, l, lo * block_kv, masked=True)
-      acc, m, l, probs = common.run_phases(
-          steps, first_full, end_full, overlapped_step, (acc, m, l, probs),
-          start=1)
-      last = lax.rem(steps - 1, jnp.int32(stages))
-      plgpu.barrier_wait(v_ready.at[last])
-      take_turn()
-
-      def last_pv(acc_ref):
-        plgpu.wgmma(acc_ref, probs, v_smem.at[last])
-        pass_turn()
-      acc = pl.run_state(last_pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[last])
-      return acc, m, l
-
     carry = (
         plgpu.layout_cast(jnp.zeros((BLOCK_Q, p.head_dim), jnp.float32),
                           plgpu.Layout.WGMMA),
@@ -304,14 +213,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
         plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
                           plgpu.Layout.WGMMA.reduce(1)),
     )
-    if p.overlap:
-      acc, m, l = lax.cond(steps > 0, run_overlapped, lambda c: c, carry)
-    else:
-      if p.ping_pong:
-        pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
-      acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
-      if p.ping_pong:
-        pl.when(wg == 0)(hand_over)   # and the first ends one behind
+    if p.ping_pong:
+      pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
+    acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
+    if p.ping_pong:
+      pl.when(wg == 0)(hand_over)   # and the first ends one behind
 
     # Rows that attend nothing (padding, or every key masked): 0 and -inf.
     rows = q_start + plgpu.broadcasted_iota(
@@ -350,7 +256,6 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # K free
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
       plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
-      plgpu.Barrier(num_barriers=CONSUMERS),                  # turn
   ]
   out_type = [
       jax.ShapeDtypeStruct((p.batch, p.q_seq, p.num_heads, p.head_dim),
