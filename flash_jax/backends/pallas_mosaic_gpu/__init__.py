@@ -2,8 +2,8 @@
 
 Status: the default implementation on sm90 (first in
 ``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
-GPU test class passed on an H100 (2026-11-26, with the ping-pong default
-of head dim 128, in two shards; see
+GPU test class passed on an H100 (last on 2026-11-27, with the reordered
+deterministic backward, in two shards; see
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
 above 128 the backward runs the Triton backend's kernels on the same
 residuals (out, lse), which the shared residual contract allows.
