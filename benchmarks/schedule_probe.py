@@ -19,8 +19,8 @@ Variants: ``base`` (both off), ``heavy_first``, ``fold``, ``both`` (the
 shipped kernels). A case is ``T`` (non-causal) or ``Tc`` (causal) at
 B*T = 16k tokens, N=16, H=128, bf16; ``T/H`` or ``Tc/H`` sets head dim H
 (N = 2048 / H). Other schedules are harness implementations
-(``--implementations flash_jax_mosaic_pingpong,...``). ``cudnn`` (jax.nn's) is timed once per
-case, for the ratio. Every variant computes the same function; the test
+(``--implementations flash_jax_mosaic_pingpong,...``). ``cudnn``
+(jax.nn's) is timed once per case, for the ratio. Every variant computes the same function; the test
 suite checks the shipped kernels, and each timing here is preceded by the
 harness's check against the reference.
 """

@@ -24,6 +24,9 @@ import flash_jax
 SMALL_TILES = flash_jax.BlockSizes(block_q=16, block_kv=16, block_q_dkv=16,
                                    block_kv_dkv=16, block_q_dq=16,
                                    block_kv_dq=16)
+# The keys of a drawn case that give shapes; the rest are attention arguments.
+SHAPE_KEYS = ("batch", "q_seq", "kv_seq", "num_heads", "num_kv_heads",
+              "head_dim", "value_dim")
 MASK_FNS = (
     lambda b, h, i, j: (i + j) % 3 != 0,
     lambda b, h, i, j: j <= i + h,
@@ -151,8 +154,7 @@ def test_random_feature_mix_matches_independent_oracle(seed, implementation,
   normal = lambda *shape: jnp.asarray(rs.standard_normal(shape),  # noqa: E731
                                       jnp.float32)
   batch, q_seq, kv_seq, heads, kv_heads, head_dim, value_dim = (
-      case[k] for k in ("batch", "q_seq", "kv_seq", "num_heads",
-                        "num_kv_heads", "head_dim", "value_dim"))
+      case[k] for k in SHAPE_KEYS)
   q = normal(batch, q_seq, heads, head_dim)
   k = normal(batch, kv_seq, kv_heads, head_dim)
   v = normal(batch, kv_seq, kv_heads, value_dim)
@@ -160,15 +162,13 @@ def test_random_feature_mix_matches_independent_oracle(seed, implementation,
                                                                 heads)
   bias = None if "bias" not in case else jnp.asarray(case["bias"],
                                                      jnp.float32)
-  semantics = {name: (jnp.asarray(value, jnp.int32)
-                      if isinstance(value, np.ndarray) and name != "mask"
-                      else value)
+  # NumPy arrays become jax arrays: int32 (lengths, segment ids), the
+  # dense mask keeping its bool dtype.
+  semantics = {name: (jnp.asarray(value, None if name == "mask"
+                                  else jnp.int32)
+                      if isinstance(value, np.ndarray) else value)
                for name, value in case.items()
-               if name not in ("batch", "q_seq", "kv_seq", "num_heads",
-                               "num_kv_heads", "head_dim", "value_dim",
-                               "bias")}
-  if "mask" in semantics:
-    semantics["mask"] = jnp.asarray(semantics["mask"])
+               if name not in SHAPE_KEYS + ("bias",)}
   tiles = SMALL_TILES if implementation == "pallas_triton" else None
   flash = lambda q, k, v, b: flash_jax.dot_product_attention(  # noqa: E731
       q, k, v, bias=b, return_residual=True, implementation=implementation,
