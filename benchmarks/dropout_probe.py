@@ -9,6 +9,9 @@ H=128, bf16, non-causal, rate 0.1):
 * ``none``: no dropout (the baseline).
 * ``shipped``: `flash_jax.dropout.keep_tile`: one Philox call per 16 keys in
   the accumulator-shaped order, expanded by broadcasting.
+* ``rounds10``: ``shipped`` with Philox's standard 10 rounds instead of the
+  contract's 7 (`flash_jax.dropout.DROPOUT_ROUNDS`): the contract before
+  session 11. Different bits, same statistics.
 * ``contiguous16``: the plain order (key ``j`` takes byte ``j % 16`` of call
   ``j // 16``), bytes interleaved with ``tt.join`` and a reshape; the
   contract before the shipped one. Different bits, same statistics.
@@ -32,6 +35,7 @@ Only the timing is reported; the shipped tile's bits are checked against
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -48,7 +52,8 @@ from flash_jax import dropout  # noqa: E402
 SHIPPED = dropout.keep_tile
 
 
-def _calls(seed, batch, head, q_idx, kv_start, width, mulhi, rounds=10):
+def _calls(seed, batch, head, q_idx, kv_start, width, mulhi,
+           rounds=dropout.DROPOUT_ROUNDS):
   rows, calls = q_idx.shape[0], width // dropout.KEYS_PER_CALL
   shape = (rows, calls)
   group = (jnp.asarray(kv_start, jnp.uint32) >> 4) + jnp.arange(
@@ -60,7 +65,8 @@ def _calls(seed, batch, head, q_idx, kv_start, width, mulhi, rounds=10):
   if rounds == 0:   # one multiply, no Philox
     word = counter[0] * jnp.uint32(0xD2511F53) ^ counter[1] ^ seed[0]
     return word, word ^ counter[2], word ^ counter[3], word ^ seed[1]
-  return dropout.philox4x32(counter, (seed[0], seed[1]), mulhi=mulhi)
+  return dropout.philox4x32(counter, (seed[0], seed[1]), rounds=rounds,
+                            mulhi=mulhi)
 
 
 def _interleave(pieces):
@@ -134,12 +140,13 @@ def per_key(seed, rate, batch, head, q_idx, kv_start, width, mulhi):
       (jnp.broadcast_to(kv_idx >> 4, shape), jnp.broadcast_to(q, shape),
        jnp.broadcast_to(jnp.asarray(head, jnp.uint32), shape),
        jnp.broadcast_to(jnp.asarray(batch, jnp.uint32), shape)),
-      (seed[0], seed[1]), mulhi=mulhi)
+      (seed[0], seed[1]), rounds=dropout.DROPOUT_ROUNDS, mulhi=mulhi)
   draw = dropout.draw_byte(words, kv_idx & jnp.uint32(15))
   return draw >= jnp.uint32(dropout.threshold(rate))
 
 
 VARIANTS = {"none": None, "shipped": SHIPPED,
+            "rounds10": functools.partial(SHIPPED, rounds=10),
             "contiguous16": contiguous16, "bools16": bools16,
             "words16": words16, "hash_only": hash_only,
             "join_only": join_only, "per_key": per_key, "repeat16": repeat16}

@@ -121,6 +121,12 @@ def _segment_any_all(q_ids, kv_ids, block_q: int, block_kv: int):
   return any_, full
 
 
+def _row_counts(mask, block_kv: int):
+  """int32 ``[..., Tm, nk]``: attended keys of each row in each key block."""
+  return jnp.sum(_blocked(mask, 3, block_kv, False), axis=-1,
+                 dtype=jnp.int32)
+
+
 def _dense_any_all(mask, block_q: int, block_kv: int):
   """A dense mask ``[Bm, Nm, Tm, Sm]`` (Tm in {1, T}, Sm in {1, S}) as
   ``(any, full)`` bool ``[Bm, Nm, nq or 1, nk or 1]``. Lanes past the array
@@ -135,8 +141,7 @@ def _dense_any_all(mask, block_q: int, block_kv: int):
   q_seq, kv_seq = mask.shape[2], mask.shape[3]
   bq = block_q if q_seq > 1 else 1
   bkv = block_kv if kv_seq > 1 else 1
-  counts = jnp.sum(_blocked(mask, 3, bkv, False), axis=-1, dtype=jnp.int32)
-  counts = jnp.sum(_blocked(counts, 2, bq, 0), axis=3)
+  counts = jnp.sum(_blocked(_row_counts(mask, bkv), 2, bq, 0), axis=3)
   in_array = lambda n, b: jnp.minimum(b, n - b * jnp.arange(cdiv(n, b)))
   size = in_array(q_seq, bq)[:, None] * in_array(kv_seq, bkv)[None, :]
   return counts > 0, counts == size

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -245,6 +246,9 @@ def test_dropout_probe_variants_keep_their_stated_bits(rng):
     np.testing.assert_array_equal(probe.VARIANTS[name](*args), plain)
   np.testing.assert_array_equal(
       probe.VARIANTS["shipped"](*args[:-1]), dropout.keep_tile(*args))
+  ten = probe.VARIANTS["rounds10"](*args)
+  np.testing.assert_array_equal(ten, dropout.keep_tile(*args, rounds=10))
+  assert (ten != dropout.keep_tile(*args)).any()
   for name in ("hash_only", "join_only"):   # timing stand-ins
     assert probe.VARIANTS[name](*args).shape == (32, 64)
 
@@ -372,3 +376,17 @@ def test_fused_dq_probe_variants_patch_only_what_they_name():
   assert probe["grid_names"][0] == "kv"
   assert (dict(zip(shipped["grid_names"], shipped["grid"]))
           == dict(zip(probe["grid_names"], probe["grid"])))
+
+
+def test_sparse_probe_packed_row_counts_equal_the_shipped_ones(rng):
+  """The probe's popcount variant counts what `block_map._row_counts`
+  counts, ragged key tails (padded with False) included."""
+  from benchmarks import sparse_probe
+  from flash_jax import block_map
+  for shape, block_kv in (((1, 1, 37, 203), 64), ((2, 3, 5, 96), 16),
+                          ((1, 1, 9, 1), 1)):
+    rng, key = jax.random.split(rng)
+    mask = jax.random.bernoulli(key, 0.6, shape)
+    np.testing.assert_array_equal(
+        sparse_probe.packed_row_counts(mask, block_kv),
+        block_map._row_counts(mask, block_kv))

@@ -184,6 +184,24 @@ class TestDropout:
       words = flash_jax.dropout.philox4x32(counter, key)
       assert tuple(int(w) for w in words) == expected
 
+  def test_philox_seven_round_known_answers(self):
+    """Random123's published Philox-4x32-7 vectors: the rounds the dropout
+    contract uses (`flash_jax.dropout.DROPOUT_ROUNDS`)."""
+    assert flash_jax.dropout.DROPOUT_ROUNDS == 7
+    vectors = [
+        ((0, 0, 0, 0), (0, 0),
+         (0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48)),
+        ((0xffffffff,) * 4, (0xffffffff,) * 2,
+         (0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662)),
+        ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344),
+         (0xa4093822, 0x299f31d0),
+         (0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a)),
+    ]
+    for counter, key, expected in vectors:
+      words = flash_jax.dropout.philox4x32(
+          counter, key, rounds=flash_jax.dropout.DROPOUT_ROUNDS)
+      assert tuple(int(w) for w in words) == expected
+
   def test_emulated_mulhi_is_exact(self, rng):
     a_values = [flash_jax.dropout._M0, flash_jax.dropout._M1, 1, 0xFFFFFFFF]
     b = np.asarray(jax.random.bits(rng, (4096,), jnp.uint32)).astype(np.uint64)
@@ -229,8 +247,9 @@ class TestDropout:
     seed = flash_jax.dropout.seed_words(rng)
     group, row = 3, 7
     for quad in range(4):
-      words = flash_jax.dropout.philox4x32((4 * group + quad, row, 1, 0),
-                                           (seed[0], seed[1]))
+      words = flash_jax.dropout.philox4x32(
+          (4 * group + quad, row, 1, 0), (seed[0], seed[1]),
+          rounds=flash_jax.dropout.DROPOUT_ROUNDS)
       draws = np.frombuffer(np.asarray([int(w) for w in words], "<u4")
                             .tobytes(), np.uint8)
       for chunk in range(8):
