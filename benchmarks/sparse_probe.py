@@ -1,6 +1,7 @@
 """Where does the block-sparse row's time go? (A probe, not a benchmark row.)
 
     python benchmarks/sparse_probe.py
+    ncu --clock-control none python benchmarks/sparse_probe.py --once [PASS]
 
 Issue 3 asks the 90%-empty-block mask (B=1 T=S=8192 N=16 H=128, a dense
 ``[1, 1, T, S]`` boolean mask built from random 128x128 blocks) to run 5x
@@ -14,14 +15,28 @@ resolved tiles, in one process:
   built by the backend's own `forward_lists` / `backward_maps` (one pass
   over the mask at the smallest of the three kernels' tiles, coarsened);
 * ``sparse - maps``: the rest, i.e. the kernels and their launch;
-* the same with the per-row key-block counts taken on the mask read as
-  uint32 words (four bools each) and summed by popcount (``packed``), a
-  quarter of the elements for XLA's reduction;
+* the same with the block counts taken other ways (``COUNT_VARIANTS``):
+  the row counts on the mask read as uint32 words of four bools, summed by
+  popcount (``packed``, a quarter of the elements for XLA's first
+  reduction; measured slower), or one reduction over both block axes
+  (``single``);
+* the sparse forward with its key loop's list read three ways
+  (``LOOP_VARIANTS``): ``list`` (shipped: one scalar load of the list per
+  step), ``preloaded`` (the row's list loaded once as a vector, each step's
+  entry picked from registers: same results) and ``range`` (the first
+  ``count`` blocks in order instead of the listed ones: wrong results, the
+  same number of steps with addresses known without a load), which says
+  what the indirection costs;
 * the sparse forward at other forward tiles (``FORWARD_TILES``): the
   shipped tile is tuned for dense loops, and a list-driven loop of ~13
   blocks per program may prefer more, smaller programs; and the document
   row (causal + 12 packed documents in 16k, also list-driven) at the
   same tiles, since a tile rule for list schedules would apply to it too.
+
+``--once`` instead compiles the sparse call's pass (``fwd``, the default,
+or ``fwd+bwd``), runs it once to warm up and twice more, and exits: a
+program for Nsight Compute, whose per-kernel durations split the call
+between XLA's map kernels and the Pallas kernels.
 
 Nothing here changes the shipped code.
 """
@@ -42,6 +57,7 @@ from benchmarks import harness  # noqa: E402
 from benchmarks.run import _DENSE, _DOCS, _SPARSE  # noqa: E402
 from flash_jax import api, block_map  # noqa: E402
 from flash_jax.backends import pallas_triton  # noqa: E402
+from flash_jax.backends.pallas_triton import common as triton_common  # noqa: E402,E501
 
 
 def _maps_fn(call, tiling, pass_: str):
@@ -58,19 +74,61 @@ def _maps_fn(call, tiling, pass_: str):
   return jax.jit(maps)
 
 
-SHIPPED_ROW_COUNTS = block_map._row_counts
+SHIPPED_BLOCK_COUNTS = block_map._block_counts
 
 
-def packed_row_counts(mask, block_kv: int):
-  """`block_map._row_counts` from the mask read as uint32 words of four
-  bools (0 or 1 bytes), summed by popcount: the same counts."""
+def packed_block_counts(mask, block_q: int, block_kv: int):
+  """`block_map._block_counts` with the row counts taken on the mask read
+  as uint32 words of four bools (0 or 1 bytes), summed by popcount."""
   if block_kv % 4:
-    return SHIPPED_ROW_COUNTS(mask, block_kv)
+    return SHIPPED_BLOCK_COUNTS(mask, block_q, block_kv)
   blocked = block_map._blocked(mask, 3, block_kv, False)
   quads = blocked.astype(jnp.uint8).reshape(blocked.shape[:-1]
                                             + (block_kv // 4, 4))
   words = jax.lax.bitcast_convert_type(quads, jnp.uint32)
-  return jnp.sum(jax.lax.population_count(words), axis=-1, dtype=jnp.int32)
+  row_counts = jnp.sum(jax.lax.population_count(words), axis=-1,
+                       dtype=jnp.int32)
+  return jnp.sum(block_map._blocked(row_counts, 2, block_q, 0), axis=3)
+
+
+def single_block_counts(mask, block_q: int, block_kv: int):
+  """`block_map._block_counts` as one reduction over both block axes."""
+  blocked = block_map._blocked(block_map._blocked(mask, 3, block_kv, False),
+                               2, block_q, False)
+  return jnp.sum(blocked, axis=(3, 5), dtype=jnp.int32)
+
+
+COUNT_VARIANTS = {"shipped": SHIPPED_BLOCK_COUNTS,
+                  "packed": packed_block_counts,
+                  "single": single_block_counts}
+
+
+class _RangeSchedule:
+  """Timing stand-in: a list row's counts, visiting blocks 0, 1, 2, ..."""
+
+  def __init__(self, blocks_ref, counts_ref, prefix=()):
+    self.num_partial = counts_ref[(*prefix, 0)]
+    self.num_full = counts_ref[(*prefix, 1)]
+
+  def block(self, t):
+    return t
+
+
+class _PreloadedSchedule(_RangeSchedule):
+  """The list row loaded once; step t's block picked from the vector."""
+
+  def __init__(self, blocks_ref, counts_ref, prefix=()):
+    super().__init__(blocks_ref, counts_ref, prefix)
+    self.row = blocks_ref[(*prefix, slice(None))]
+
+  def block(self, t):
+    lanes = jnp.arange(self.row.shape[0])
+    return jnp.sum(jnp.where(lanes == t, self.row, 0))
+
+
+SHIPPED_LIST_SCHEDULE = triton_common.list_schedule
+LOOP_VARIANTS = {"list": SHIPPED_LIST_SCHEDULE,
+                 "preloaded": _PreloadedSchedule, "range": _RangeSchedule}
 
 
 # (block_q, block_kv, warps, stages) tried for the sparse forward.
@@ -109,7 +167,7 @@ def main():
   make = harness.IMPLEMENTATIONS["flash_jax"]
   call = api.canonicalize(inputs.q, inputs.k, inputs.v, mask=inputs.mask)
   tiling = pallas_triton._tiling(call.config, call.query, call.key,
-                                 call.value)
+                                 call.value, call.arrays)
   mask = call.arrays.mask
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
   print(f"tiles: {tiling}")
@@ -117,9 +175,8 @@ def main():
   rows = (("dense", _DENSE, harness.draw(_DENSE)), ("sparse", _SPARSE,
                                                      inputs))
   times = _time_rows(rows, make)
-  for variant, counts in (("shipped", SHIPPED_ROW_COUNTS),
-                          ("packed", packed_row_counts)):
-    block_map._row_counts = counts
+  for variant, counts in COUNT_VARIANTS.items():
+    block_map._block_counts = counts
     jax.clear_caches()
     try:
       if variant != "shipped":
@@ -134,7 +191,22 @@ def main():
     except Exception as e:  # noqa: BLE001 - a probe reports and goes on
       print(f"row counts {variant}: {type(e).__name__}: {str(e)[:300]}")
     finally:
-      block_map._row_counts = SHIPPED_ROW_COUNTS
+      block_map._block_counts = SHIPPED_BLOCK_COUNTS
+  print("sparse forward by loop variant:")
+  for variant, schedule in LOOP_VARIANTS.items():
+    triton_common.list_schedule = schedule
+    jax.clear_caches()
+    try:
+      if variant != "range":
+        harness.check(_SPARSE, make, inputs, tolerance=2e-2)
+      ms = harness.time_call(harness.forward_fn(make(_SPARSE, inputs)),
+                             args) * 1e3
+      print(f"  {variant:10s} {ms:.3f} ms (dense/this "
+            f"{times['dense', 'fwd'] * 1e3 / ms:.2f}x)", flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports and goes on
+      print(f"  {variant:10s} {type(e).__name__}: {str(e)[:300]}")
+    finally:
+      triton_common.list_schedule = SHIPPED_LIST_SCHEDULE
   jax.clear_caches()
   docs = harness.draw(_DOCS)
   docs_args = (docs.q, docs.k, docs.v, docs.do)
@@ -159,5 +231,18 @@ def main():
     print(line, flush=True)
 
 
+def once(pass_: str):
+  inputs = harness.draw(_SPARSE)
+  args = (inputs.q, inputs.k, inputs.v, inputs.do)
+  attend = harness.IMPLEMENTATIONS["flash_jax"](_SPARSE, inputs)
+  make = harness.forward_fn if pass_ == "fwd" else harness.forward_backward_fn
+  fn = make(attend)
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+
+
 if __name__ == "__main__":
-  main()
+  if "--once" in sys.argv:
+    once(sys.argv[-1] if sys.argv[-1] != "--once" else "fwd")
+  else:
+    main()

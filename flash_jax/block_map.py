@@ -121,10 +121,12 @@ def _segment_any_all(q_ids, kv_ids, block_q: int, block_kv: int):
   return any_, full
 
 
-def _row_counts(mask, block_kv: int):
-  """int32 ``[..., Tm, nk]``: attended keys of each row in each key block."""
-  return jnp.sum(_blocked(mask, 3, block_kv, False), axis=-1,
-                 dtype=jnp.int32)
+def _block_counts(mask, block_q: int, block_kv: int):
+  """int32 ``[Bm, Nm, nq, nk]``: attended pairs of each block, counted first
+  along the contiguous key axis, then over the block's query rows."""
+  row_counts = jnp.sum(_blocked(mask, 3, block_kv, False), axis=-1,
+                       dtype=jnp.int32)
+  return jnp.sum(_blocked(row_counts, 2, block_q, 0), axis=3)
 
 
 def _dense_any_all(mask, block_q: int, block_kv: int):
@@ -133,15 +135,15 @@ def _dense_any_all(mask, block_q: int, block_kv: int):
   count as absent for "any" and as attended for "full" (the padding
   component already makes tail blocks partial).
 
-  One read of the mask: attended pairs are counted per block (first along
-  the contiguous key axis, then over the block's query rows), and a block
-  is full when its count equals its in-array element count. (Separate
-  "any" and "all" reductions read a 64 MiB mask twice per map.)
+  One read of the mask: attended pairs are counted per block
+  (`_block_counts`), and a block is full when its count equals its in-array
+  element count. (Separate "any" and "all" reductions read a 64 MiB mask
+  twice per map.)
   """
   q_seq, kv_seq = mask.shape[2], mask.shape[3]
   bq = block_q if q_seq > 1 else 1
   bkv = block_kv if kv_seq > 1 else 1
-  counts = jnp.sum(_blocked(_row_counts(mask, bkv), 2, bq, 0), axis=3)
+  counts = _block_counts(mask, bq, bkv)
   in_array = lambda n, b: jnp.minimum(b, n - b * jnp.arange(cdiv(n, b)))
   size = in_array(q_seq, bq)[:, None] * in_array(kv_seq, bkv)[None, :]
   return counts > 0, counts == size

@@ -378,15 +378,19 @@ def test_fused_dq_probe_variants_patch_only_what_they_name():
           == dict(zip(probe["grid_names"], probe["grid"])))
 
 
-def test_sparse_probe_packed_row_counts_equal_the_shipped_ones(rng):
-  """The probe's popcount variant counts what `block_map._row_counts`
-  counts, ragged key tails (padded with False) included."""
+def test_sparse_probe_count_variants_equal_the_shipped_counts(rng):
+  """The probe's block-count variants count what `block_map._block_counts`
+  counts, ragged tails (padded with False) and broadcast axes included."""
   from benchmarks import sparse_probe
   from flash_jax import block_map
-  for shape, block_kv in (((1, 1, 37, 203), 64), ((2, 3, 5, 96), 16),
-                          ((1, 1, 9, 1), 1)):
+  for shape, block_q, block_kv in (((1, 1, 37, 203), 32, 64),
+                                   ((2, 3, 5, 96), 16, 16),
+                                   ((1, 1, 9, 1), 16, 1)):
     rng, key = jax.random.split(rng)
     mask = jax.random.bernoulli(key, 0.6, shape)
-    np.testing.assert_array_equal(
-        sparse_probe.packed_row_counts(mask, block_kv),
-        block_map._row_counts(mask, block_kv))
+    expected = block_map._block_counts(mask, block_q, block_kv)
+    assert expected.shape == shape[:2] + (-(-shape[2] // block_q),
+                                          -(-shape[3] // block_kv))
+    for name, counts in sparse_probe.COUNT_VARIANTS.items():
+      np.testing.assert_array_equal(counts(mask, block_q, block_kv),
+                                    expected, err_msg=name)

@@ -15,11 +15,11 @@ H100, A100, RTX = (9, 0), (8, 0), (8, 6)
 
 
 def resolve(overrides=None, *, head_dim=128, item_bytes=2, causal=False,
-            seq=8192, capability=H100, check=True):
+            seq=8192, capability=H100, check=True, listed=False):
   return tuning.resolve_tiling(
       overrides, head_dim=head_dim, value_dim=head_dim, item_bytes=item_bytes,
       causal=causal, q_seq=seq, kv_seq=seq, capability=capability,
-      check_resources=check)
+      check_resources=check, listed=listed)
 
 
 @pytest.fixture
@@ -75,6 +75,48 @@ def test_committed_tuned_entries_fit_and_are_used():
                                head_dim, item_bytes, capability) is None
     assert resolve(head_dim=head_dim, item_bytes=item_bytes,
                    causal=mode == "causal", capability=capability) == tiling
+
+
+def test_listed_forward_tile_applies_where_measured():
+  """A forward that walks a block list takes `LISTED_FORWARD`'s tile on the
+  GPU, head dim and width it was measured for, in both causal modes, unless
+  the caller sets a forward field; the backward tiles, other keys and
+  interpret mode are untouched."""
+  listed = tuning.LISTED_FORWARD["sm90/h128/16bit"]
+  for causal in (False, True):
+    plain = resolve(causal=causal)
+    tiling = resolve(causal=causal, listed=True)
+    assert tiling == Tiling(listed, plain.dkv, plain.dq)
+    for kernel in ("forward", "dkv", "dq"):
+      assert tuning.check_fits(kernel, getattr(tiling, kernel), 128, 128, 2,
+                               H100) is None
+  for other in (dict(head_dim=64), dict(item_bytes=4), dict(capability=A100),
+                dict(check=False)):
+    assert resolve(listed=True, **other) == resolve(**other)
+  # Any forward field asked for starts from the dense loops' tile instead.
+  sizes = flash_jax.BlockSizes(num_stages_fwd=2)
+  assert resolve(sizes, listed=True) == resolve(sizes)
+  sizes = flash_jax.BlockSizes(block_q_dq=64)
+  assert resolve(sizes, listed=True).forward == listed
+
+
+def test_backend_lists_the_forward_tile_by_its_schedule():
+  """`pallas_triton._tiling` takes the listed tile exactly when the call
+  needs a block map (here a dense mask; causal alone is a range)."""
+  from flash_jax import api
+  from flash_jax.backends import pallas_triton
+  q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+  mask = jnp.ones((1, 1, 256, 256), bool)
+  masked = api.canonicalize(q, q, q, mask=mask)
+  causal = api.canonicalize(q, q, q, is_causal=True)
+  listed = tuning.LISTED_FORWARD["sm90/h128/16bit"]
+  tiles = lambda call, arrays: pallas_triton._tiling(
+      call.config, call.query, call.key, call.value, arrays)
+  if flash_jax.platform.compute_capability() not in (None, H100):
+    pytest.skip("the listed tile is keyed to sm90")
+  assert tiles(masked, masked.arrays).forward == listed
+  assert tiles(masked, None).forward != listed
+  assert tiles(causal, causal.arrays).forward != listed
 
 
 def test_defaults_shrink_to_fit_smaller_gpus():

@@ -18,21 +18,25 @@ from flash_jax.backends.pallas_triton import tuning as _tuning
 NAME = "pallas_triton"
 
 
-def _tiling(config: AttentionConfig, query, key, value) -> _tuning.Tiling:
+def _tiling(config: AttentionConfig, query, key, value,
+            arrays=None) -> _tuning.Tiling:
+  """The call's tiling; with ``arrays``, a forward that walks a block list
+  gets its own tile (`tuning.LISTED_FORWARD`)."""
   pad = lambda n: max(_tuning.MIN_BLOCK, _tuning.next_power_of_two(n))
+  listed = arrays is not None and block_map.needs_map(config.mask, arrays)
   return _tuning.resolve_tiling(
       config.block_sizes, head_dim=pad(query.shape[-1]),
       value_dim=pad(value.shape[-1]),
       item_bytes=jnp.dtype(query.dtype).itemsize,
       causal=config.mask.is_causal, q_seq=query.shape[1],
       kv_seq=key.shape[1], capability=platform.compute_capability(),
-      check_resources=not config.interpret)
+      check_resources=not config.interpret, listed=listed)
 
 
 def check_supported(config: AttentionConfig, query, key, value, bias,
                     arrays) -> None:
   """Raises NotImplementedError(reason) if this backend cannot take the call."""
-  del bias, arrays  # every mask, bias, soft-cap and dropout is supported
+  del bias  # every mask, bias, soft-cap and dropout is supported
   if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
     raise NotImplementedError(
         f"{NAME} supports head dims up to {MAX_HEAD_DIM}, got "
@@ -42,7 +46,7 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
     if reason:
       raise NotImplementedError(f"{NAME}: {reason} (pass interpret=True to run "
                                 "it in Pallas interpret mode)")
-    _tiling(config, query, key, value)  # Raises if no tile fits this GPU.
+    _tiling(config, query, key, value, arrays)  # Raises if no tile fits.
 
 
 def _states(config: AttentionConfig, query, key, arrays, *tiles):
@@ -88,7 +92,7 @@ def backward_maps(config: AttentionConfig, query, key, arrays, bias,
 
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,Hv], lse [B,N,T] float32)``."""
-  tiling = _tiling(config, query, key, value)
+  tiling = _tiling(config, query, key, value, arrays)
   params = _common.kernel_params(config, query, key, value, tiling.forward)
   kv_lists = forward_lists(config, query, key, arrays, tiling)
   return _forward.forward(params, query, key, value, bias, arrays, kv_lists)
@@ -98,7 +102,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
              lse, dout, dlse):
   """Returns ``(dq, dk, dv, dbias)`` for cotangents ``dout`` and ``dlse``
   (dbias None without a bias)."""
-  tiling = _tiling(config, query, key, value)
+  tiling = _tiling(config, query, key, value, arrays)
   params_dkv = _common.kernel_params(config, query, key, value, tiling.dkv)
   params_dq = _common.kernel_params(config, query, key, value, tiling.dq)
   q_lists, kv_lists, dq_states = backward_maps(config, query, key, arrays,
