@@ -1,6 +1,6 @@
 """Where does the block-sparse row's time go? (A probe, not a benchmark row.)
 
-    python benchmarks/sparse_probe.py
+    python benchmarks/sparse_probe.py [--tiles BQxBKVxWARPSxSTAGES,...]
     ncu --clock-control none python benchmarks/sparse_probe.py --once [PASS]
 
 Issue 3 asks the 90%-empty-block mask (B=1 T=S=8192 N=16 H=128, a dense
@@ -161,7 +161,9 @@ def _report(times, maps, title):
           f"{dense / (sparse - map_ms):5.2f}x)", flush=True)
 
 
-def main():
+def main(tiles=None):
+  """The sections above; with ``tiles`` (``(block_q, block_kv, warps,
+  stages)`` tuples), only the dense and sparse rows and those tiles."""
   inputs = harness.draw(_SPARSE)
   args = (inputs.q, inputs.k, inputs.v, inputs.do)
   make = harness.IMPLEMENTATIONS["flash_jax"]
@@ -175,7 +177,8 @@ def main():
   rows = (("dense", _DENSE, harness.draw(_DENSE)), ("sparse", _SPARSE,
                                                      inputs))
   times = _time_rows(rows, make)
-  for variant, counts in COUNT_VARIANTS.items():
+  _report(times, {"fwd": 0.0, "fwd+bwd": 0.0}, "whole calls:")
+  for variant, counts in ({} if tiles else COUNT_VARIANTS).items():
     block_map._block_counts = counts
     jax.clear_caches()
     try:
@@ -193,7 +196,7 @@ def main():
     finally:
       block_map._block_counts = SHIPPED_BLOCK_COUNTS
   print("sparse forward by loop variant:")
-  for variant, schedule in LOOP_VARIANTS.items():
+  for variant, schedule in ({} if tiles else LOOP_VARIANTS).items():
     triton_common.list_schedule = schedule
     jax.clear_caches()
     try:
@@ -212,7 +215,7 @@ def main():
   docs_args = (docs.q, docs.k, docs.v, docs.do)
   print("forward by forward tile (block_q, block_kv, warps, stages), "
         "sparse row | document row:")
-  for bq, bkv, warps, stages in FORWARD_TILES:
+  for bq, bkv, warps, stages in tiles or FORWARD_TILES:
     sizes = flash_jax.BlockSizes(block_q=bq, block_kv=bkv,
                                  num_warps_fwd=warps, num_stages_fwd=stages)
     line = f"  {(bq, bkv, warps, stages)}:"
@@ -244,5 +247,9 @@ def once(pass_: str):
 if __name__ == "__main__":
   if "--once" in sys.argv:
     once(sys.argv[-1] if sys.argv[-1] != "--once" else "fwd")
+  elif "--tiles" in sys.argv:
+    spec = sys.argv[sys.argv.index("--tiles") + 1]
+    main([tuple(int(n) for n in tile.split("x"))
+          for tile in spec.split(",")])
   else:
     main()

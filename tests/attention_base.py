@@ -235,6 +235,23 @@ class AttentionTestBase:
     self.check_against_reference(q, k, v, do, mask=mask,
                                  block_sizes=self.small_tiles)
 
+  @pytest.mark.parametrize("is_causal", [False, True])
+  def test_block_map_with_default_tiles(self, rng, is_causal):
+    """A dense mask with segment ids at head dim 128 in bf16 with the
+    backend's own tiles (no block_sizes): on an H100 the Triton forward
+    then walks its block list with `tuning.LISTED_FORWARD`'s tile."""
+    case = Case(2, 333, 517, 4, 2, 128, 128, is_causal, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, 7), 0.7,
+                                (2, 1, 333, 517))
+    q_ids = jnp.sort(jax.random.randint(jax.random.fold_in(rng, 8),
+                                        (2, 333), 0, 3), axis=1)
+    kv_ids = jnp.sort(jax.random.randint(jax.random.fold_in(rng, 9),
+                                         (2, 517), 0, 3), axis=1)
+    self.check_against_reference(q, k, v, do, mask=mask, is_causal=is_causal,
+                                 query_segment_ids=q_ids,
+                                 kv_segment_ids=kv_ids)
+
   def test_bias_with_mask_and_causal(self, rng):
     case = Case(2, 113, 203, 4, 1, 64, 64, True, "float16")
     q, k, v, do = draw_inputs(rng, case)
