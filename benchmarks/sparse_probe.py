@@ -1,6 +1,7 @@
 """Where does the block-sparse row's time go? (A probe, not a benchmark row.)
 
     python benchmarks/sparse_probe.py [--tiles BQxBKVxWARPSxSTAGES,...]
+    python benchmarks/sparse_probe.py --balanced
     ncu --clock-control none python benchmarks/sparse_probe.py --once [PASS]
 
 Issue 3 asks the 90%-empty-block mask (B=1 T=S=8192 N=16 H=128, a dense
@@ -27,6 +28,11 @@ resolved tiles, in one process:
   ``count`` blocks in order instead of the listed ones: wrong results, the
   same number of steps with addresses known without a load), which says
   what the indirection costs;
+* the sparse forward on a balanced mask (``--balanced``): the same number
+  of non-empty 128x128 blocks, spread as evenly as possible over the
+  block rows (random columns), against the row's random mask, whose rows
+  hold Binomial(64, 0.1) blocks: what uneven programs cost at the end of
+  the launch;
 * the sparse forward at other forward tiles (``FORWARD_TILES``): the
   shipped tile is tuned for dense loops, and a list-driven loop of ~13
   blocks per program may prefer more, smaller programs; and the document
@@ -137,6 +143,21 @@ FORWARD_TILES = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2),
                  (64, 32, 4, 3))
 
 
+def balanced_mask(mask, rng, block: int = 128):
+  """A ``[1, 1, T, S]`` mask with as many non-empty ``block``-square blocks
+  as ``mask`` (block-structured, T and S multiples of ``block``), each block
+  row holding the same number (give or take one), at random columns."""
+  _, _, q_seq, kv_seq = mask.shape
+  num_q, num_kv = q_seq // block, kv_seq // block
+  total = int(jnp.sum(mask[0, 0, ::block, ::block]))
+  per_row = total // num_q + (jnp.arange(num_q) < total % num_q)
+  order = jnp.argsort(jax.random.uniform(rng, (num_q, num_kv)), axis=1)
+  ranks = jnp.argsort(order, axis=1)         # a random rank per column
+  keep = ranks < per_row[:, None]
+  full = jnp.repeat(jnp.repeat(keep, block, 0), block, 1)
+  return full[None, None]
+
+
 def _time_rows(labels_rows, make):
   """``{(label, pass): seconds}`` for ``(label, row, inputs)`` triples."""
   times = {}
@@ -234,6 +255,23 @@ def main(tiles=None):
     print(line, flush=True)
 
 
+def balanced(make=None):
+  """The sparse forward on its random mask and on `balanced_mask`."""
+  make = make or harness.IMPLEMENTATIONS["flash_jax"]
+  inputs = harness.draw(_SPARSE)
+  args = (inputs.q, inputs.k, inputs.v, inputs.do)
+  even = dataclasses.replace(inputs, mask=balanced_mask(
+      inputs.mask, jax.random.key(5)))
+  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
+  for label, row_inputs in (("random rows", inputs), ("balanced rows", even),
+                            ("random rows", inputs)):
+    harness.check(_SPARSE, make, row_inputs, tolerance=2e-2)
+    ms = harness.time_call(harness.forward_fn(make(_SPARSE, row_inputs)),
+                           args) * 1e3
+    blocks = int(jnp.sum(row_inputs.mask[0, 0, ::128, ::128]))
+    print(f"  {label:14s} {blocks} blocks: forward {ms:.3f} ms", flush=True)
+
+
 def once(pass_: str):
   inputs = harness.draw(_SPARSE)
   args = (inputs.q, inputs.k, inputs.v, inputs.do)
@@ -247,6 +285,8 @@ def once(pass_: str):
 if __name__ == "__main__":
   if "--once" in sys.argv:
     once(sys.argv[-1] if sys.argv[-1] != "--once" else "fwd")
+  elif "--balanced" in sys.argv:
+    balanced()
   elif "--tiles" in sys.argv:
     spec = sys.argv[sys.argv.index("--tiles") + 1]
     main([tuple(int(n) for n in tile.split("x"))

@@ -394,3 +394,21 @@ def test_sparse_probe_count_variants_equal_the_shipped_counts(rng):
     for name, counts in sparse_probe.COUNT_VARIANTS.items():
       np.testing.assert_array_equal(counts(mask, block_q, block_kv),
                                     expected, err_msg=name)
+
+
+def test_sparse_probe_balanced_mask_keeps_the_block_count(rng):
+  """`balanced_mask` keeps the number of non-empty blocks and spreads them
+  over the block rows within one of each other."""
+  from benchmarks import sparse_probe
+  row = dataclasses.replace(Row(1, 1024, 1024, 1, 1, 64, False),
+                            sparsity=0.8)
+  mask = harness.draw(row).mask
+  even = sparse_probe.balanced_mask(mask, rng)
+  blocks = lambda m: np.asarray(m[0, 0, ::128, ::128])
+  assert even.shape == mask.shape and even.dtype == jnp.bool_
+  assert blocks(even).sum() == blocks(mask).sum()
+  per_row = blocks(even).sum(axis=1)
+  assert per_row.max() - per_row.min() <= 1
+  # Block-structured: every 128x128 block is all True or all False.
+  tiles = np.asarray(even[0, 0]).reshape(8, 128, 8, 128)
+  assert (tiles.all(axis=(1, 3)) == tiles.any(axis=(1, 3))).all()
