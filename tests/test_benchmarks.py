@@ -412,3 +412,33 @@ def test_sparse_probe_balanced_mask_keeps_the_block_count(rng):
   # Block-structured: every 128x128 block is all True or all False.
   tiles = np.asarray(even[0, 0]).reshape(8, 128, 8, 128)
   assert (tiles.all(axis=(1, 3)) == tiles.any(axis=(1, 3))).all()
+
+
+def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
+    monkeypatch):
+  """The probe's tiles replace fields of the forward kernel's parameters
+  (nothing else), and `use_tile(None)` puts the shipped kernel back."""
+  from benchmarks import hopper_tile_probe as probe
+  from flash_jax.backends import pallas_mosaic_gpu
+  assert probe.parse_tile("192x2xP") == {"block_kv": 192, "stages": 2,
+                                         "ping_pong": True}
+  assert probe.parse_tile("128x3") == {"block_kv": 128, "stages": 3}
+  with pytest.raises(ValueError, match="P or N"):
+    probe.parse_tile("128x3xQ")
+
+  @dataclasses.dataclass(frozen=True)
+  class Params:
+    block_kv: int = 128
+    stages: int = 3
+
+  seen = []
+  monkeypatch.setattr(probe, "SHIPPED_FORWARD",
+                      lambda p, *args: seen.append((p, args)) or "out")
+  probe.use_tile({"block_kv": 192, "stages": 2})
+  assert pallas_mosaic_gpu._forward.forward(Params(), 1, 2) == "out"
+  assert seen == [(Params(192, 2), (1, 2))]
+  probe.use_tile(None)
+  assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
+  monkeypatch.undo()
+  probe.use_tile(None)
+  assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD

@@ -1,0 +1,87 @@
+"""Which key-block size and ring depth suit the Hopper forward? Times the
+Mosaic GPU forward with `ForwardParams` ``block_kv`` / ``stages`` /
+``ping_pong`` replaced, against cuDNN, in one process (a probe, not a
+benchmark row).
+
+    python benchmarks/hopper_tile_probe.py [--cases 4096/64,4096c/64]
+        [--tiles 128x3xP,192x2xP,...]
+
+A case is as in `benchmarks/schedule_probe.py` (``T`` or ``Tc``, ``/H`` for
+head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
+``BLOCK_KVxSTAGES`` with an optional ``xP`` (ping-pong on) or ``xN`` (off);
+without it the backend's default ping-pong choice stays. The first tile
+should be the shipped one, for the baseline. Each timing is preceded by the
+harness's check against the reference, so a tile that computes wrong
+results is reported as an error, not a speed. Only the forward kernel's
+parameters change (the backward keeps its own), and only the forward is
+timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from benchmarks import harness  # noqa: E402
+from benchmarks.schedule_probe import _row  # noqa: E402
+from flash_jax.backends import pallas_mosaic_gpu  # noqa: E402
+
+SHIPPED_FORWARD = pallas_mosaic_gpu._forward.forward
+
+
+def parse_tile(spec: str) -> dict:
+  """``"192x2xP"`` -> ``{"block_kv": 192, "stages": 2, "ping_pong": True}``."""
+  parts = spec.split("x")
+  fields = {"block_kv": int(parts[0]), "stages": int(parts[1])}
+  if len(parts) > 2:
+    if parts[2] not in ("P", "N"):
+      raise ValueError(f"tile {spec!r}: the third field is P or N")
+    fields["ping_pong"] = parts[2] == "P"
+  return fields
+
+
+def use_tile(fields: dict | None) -> None:
+  """Makes the Hopper forward kernel's parameters take ``fields`` (None:
+  the shipped ones)."""
+  if fields is None:
+    pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
+  else:
+    pallas_mosaic_gpu._forward.forward = lambda p, *a: SHIPPED_FORWARD(
+        dataclasses.replace(p, **fields), *a)
+  jax.clear_caches()
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--cases", default="4096/64,4096c/64")
+  parser.add_argument("--tiles", default="128x3,192x2,192x3,256x2,128x3xN")
+  args = parser.parse_args()
+  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
+  print("case      tile          fwd ms  cudnn/this", flush=True)
+  for case in args.cases.split(","):
+    row = _row(case)
+    (cudnn,) = harness.measure(row, ["cudnn"], modes=("fwd",), trials=5)
+    print(f"{case:9s} cudnn     {cudnn['seconds'] * 1e3:8.3f}", flush=True)
+    for spec in args.tiles.split(","):
+      use_tile(parse_tile(spec))
+      try:
+        (entry,) = harness.measure(row, ["flash_jax_mosaic"], modes=("fwd",),
+                                   trials=5)
+        if "error" in entry:
+          print(f"{case:9s} {spec:12s} error {entry['error'][:300]}",
+                flush=True)
+        else:
+          print(f"{case:9s} {spec:12s} {entry['seconds'] * 1e3:8.3f}  "
+                f"{cudnn['seconds'] / entry['seconds']:6.3f}x", flush=True)
+      finally:
+        use_tile(None)
+
+
+if __name__ == "__main__":
+  main()
