@@ -177,6 +177,12 @@ def test_block_map_matches_brute_force(seed):
       np.testing.assert_array_equal(partial,
                                     np.flatnonzero(row == block_map.PARTIAL))
       np.testing.assert_array_equal(full, np.flatnonzero(row == block_map.FULL))
+      # The whole row is a permutation: the empty blocks last, ascending.
+      np.testing.assert_array_equal(
+          np.sort(blocks[index]), np.arange(row.shape[0]))
+      np.testing.assert_array_equal(
+          blocks[index][num_partial + num_full:],
+          np.flatnonzero(row == block_map.EMPTY))
 
 
 @pytest.mark.parametrize("seed", range(12))
