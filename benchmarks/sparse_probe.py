@@ -2,7 +2,6 @@
 
     python benchmarks/sparse_probe.py [--tiles BQxBKVxWARPSxSTAGES,...]
     python benchmarks/sparse_probe.py --balanced
-    python benchmarks/sparse_probe.py --lists
     ncu --clock-control none python benchmarks/sparse_probe.py --once [PASS]
 
 Issue 3 asks the 90%-empty-block mask (B=1 T=S=8192 N=16 H=128, a dense
@@ -29,10 +28,6 @@ resolved tiles, in one process:
   ``count`` blocks in order instead of the listed ones: wrong results, the
   same number of steps with addresses known without a load), which says
   what the indirection costs;
-* the list building (``--lists``): `block_map.lists_from_states`' single
-  sort of packed keys (shipped since session 11) against the stable
-  argsort it replaced (`argsort_lists_from_states`), the maps alone and the
-  whole sparse call;
 * the sparse forward on a balanced mask (``--balanced``): the same number
   of non-empty 128x128 blocks, spread as evenly as possible over the
   block rows (random columns), against the row's random mask, whose rows
@@ -112,48 +107,6 @@ def single_block_counts(mask, block_q: int, block_kv: int):
 COUNT_VARIANTS = {"shipped": SHIPPED_BLOCK_COUNTS,
                   "packed": packed_block_counts,
                   "single": single_block_counts}
-
-
-def argsort_lists_from_states(states) -> block_map.BlockLists:
-  """`block_map.lists_from_states` as it was before session 11: a stable
-  argsort of the groups (the same lists)."""
-  order = jnp.where(states == block_map.PARTIAL, 0,
-                    jnp.where(states == block_map.FULL, 1, 2))
-  blocks = jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
-  counts = jnp.stack([jnp.sum(states == block_map.PARTIAL, axis=-1),
-                      jnp.sum(states == block_map.FULL, axis=-1)], axis=-1)
-  return block_map.BlockLists(blocks=blocks, counts=counts.astype(jnp.int32))
-
-
-SHIPPED_LISTS = block_map.lists_from_states
-LIST_VARIANTS = {"argsort": argsort_lists_from_states,
-                 "packed sort": SHIPPED_LISTS}
-
-
-def lists(repeats: int = 2):
-  """The sparse call and its maps with each `LIST_VARIANTS` entry."""
-  inputs = harness.draw(_SPARSE)
-  make = harness.IMPLEMENTATIONS["flash_jax"]
-  call = api.canonicalize(inputs.q, inputs.k, inputs.v, mask=inputs.mask)
-  tiling = pallas_triton._tiling(call.config, call.query, call.key,
-                                 call.value, call.arrays)
-  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}")
-  dense = _time_rows((("dense", _DENSE, harness.draw(_DENSE)),), make)
-  for _ in range(repeats):
-    for variant, build in LIST_VARIANTS.items():
-      block_map.lists_from_states = build
-      jax.clear_caches()
-      try:
-        times = dict(dense)
-        times.update(_time_rows((("sparse", _SPARSE, inputs),), make))
-        maps = {"fwd": harness.time_call(_maps_fn(call, tiling, "fwd"),
-                                         (call.arrays.mask,))}
-        maps["fwd+bwd"] = maps["fwd"] + harness.time_call(
-            _maps_fn(call, tiling, "bwd"), (call.arrays.mask,))
-        _report(times, maps, f"lists: {variant}")
-      finally:
-        block_map.lists_from_states = SHIPPED_LISTS
-  jax.clear_caches()
 
 
 class _RangeSchedule:
@@ -332,8 +285,6 @@ def once(pass_: str):
 if __name__ == "__main__":
   if "--once" in sys.argv:
     once(sys.argv[-1] if sys.argv[-1] != "--once" else "fwd")
-  elif "--lists" in sys.argv:
-    lists()
   elif "--balanced" in sys.argv:
     balanced()
   elif "--tiles" in sys.argv:

@@ -243,19 +243,9 @@ def block_states_for_tiles(spec: MaskSpec, arrays: MaskArrays, *,
 
 
 def lists_from_states(states) -> BlockLists:
-  """Visiting lists along the last axis of ``states`` (see `BlockLists`).
-
-  One single-operand sort of ``group << shift | index`` keys (group 0:
-  partial, 1: full, 2: empty), whose low bits are then the block indices:
-  the order of a stable argsort of the groups, without its second (index)
-  operand.
-  """
-  num = states.shape[-1]
-  shift = max(1, (num - 1).bit_length())
-  group = jnp.where(states == PARTIAL, 0,
-                    jnp.where(states == FULL, 1, 2)).astype(jnp.int32)
-  keys = (group << shift) | jnp.arange(num, dtype=jnp.int32)
-  blocks = jnp.sort(keys, axis=-1) & ((1 << shift) - 1)
+  """Visiting lists along the last axis of ``states`` (see `BlockLists`)."""
+  order = jnp.where(states == PARTIAL, 0, jnp.where(states == FULL, 1, 2))
+  blocks = jnp.argsort(order, axis=-1, stable=True).astype(jnp.int32)
   counts = jnp.stack([jnp.sum(states == PARTIAL, axis=-1),
                       jnp.sum(states == FULL, axis=-1)], axis=-1)
   return BlockLists(blocks=blocks, counts=counts.astype(jnp.int32))

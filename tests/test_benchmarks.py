@@ -442,18 +442,3 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   monkeypatch.undo()
   probe.use_tile(None)
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
-
-
-def test_sparse_probe_list_variants_build_the_same_lists(rng):
-  """The probe's argsort list building (before session 11) and the shipped
-  packed-key sort give the same lists, empty tail included."""
-  from benchmarks import sparse_probe
-  from flash_jax import block_map
-  for shape in ((1, 1, 7, 130), (2, 3, 4, 5), (1, 1, 1, 1)):
-    rng, key = jax.random.split(rng)
-    states = jax.random.randint(key, shape, 0, 3).astype(jnp.int8)
-    old = sparse_probe.argsort_lists_from_states(states)
-    new = block_map.lists_from_states(states)
-    np.testing.assert_array_equal(new.blocks, old.blocks)
-    np.testing.assert_array_equal(new.counts, old.counts)
-    assert new.blocks.dtype == old.blocks.dtype == jnp.int32
