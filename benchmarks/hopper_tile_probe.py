@@ -5,6 +5,7 @@ benchmark row).
 
     python benchmarks/hopper_tile_probe.py [--cases 4096/64,4096c/64]
         [--tiles 128x3xP,192x2xP,...]
+    ncu --clock-control none --section ... python benchmarks/hopper_tile_probe.py --once CASE
 
 A case is as in `benchmarks/schedule_probe.py` (``T`` or ``Tc``, ``/H`` for
 head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
@@ -14,7 +15,8 @@ should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
 parameters change (the backward keeps its own), and only the forward is
-timed.
+timed. ``--once CASE`` runs the shipped forward of one case three times and
+exits: a program for Nsight Compute's pipe and stall sections.
 """
 
 from __future__ import annotations
@@ -83,5 +85,17 @@ def main():
         use_tile(None)
 
 
+def once(case: str):
+  row = _row(case)
+  inputs = harness.draw(row)
+  attend = harness.IMPLEMENTATIONS["flash_jax_mosaic"](row, inputs)
+  fn = harness.forward_fn(attend)
+  for _ in range(3):
+    jax.block_until_ready(fn(inputs.q, inputs.k, inputs.v, inputs.do))
+
+
 if __name__ == "__main__":
-  main()
+  if "--once" in sys.argv:
+    once(sys.argv[sys.argv.index("--once") + 1])
+  else:
+    main()
