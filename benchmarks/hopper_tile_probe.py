@@ -6,6 +6,7 @@ benchmark row).
     python benchmarks/hopper_tile_probe.py [--cases 4096/64,4096c/64]
         [--tiles 128x3xP,192x2xP,...]
     ncu --clock-control none --section ... python benchmarks/hopper_tile_probe.py --once CASE
+    python benchmarks/hopper_tile_probe.py --grid [--cases ...]
 
 A case is as in `benchmarks/schedule_probe.py` (``T`` or ``Tc``, ``/H`` for
 head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
@@ -15,7 +16,10 @@ should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
 parameters change (the backward keeps its own), and only the forward is
-timed. ``--once CASE`` runs the shipped forward of one case three times and
+timed. ``--grid`` instead times forward and forward+backward with every
+Hopper kernel's grid in the shipped order (`ForwardParams.seq_fastest`:
+one head's sequence tiles launch together) and in the order before
+session 11 (tiles slowest). ``--once CASE`` runs the shipped forward of one case three times and
 exits: a program for Nsight Compute's pipe and stall sections.
 """
 
@@ -85,6 +89,43 @@ def main():
         use_tile(None)
 
 
+SHIPPED_PARAMS = pallas_mosaic_gpu._params
+
+
+def use_grid_order(seq_fastest: bool | None) -> None:
+  """Every Hopper kernel of the next calls launches in this order (None:
+  the shipped parameters)."""
+  if seq_fastest is None:
+    pallas_mosaic_gpu._params = SHIPPED_PARAMS
+  else:
+    pallas_mosaic_gpu._params = lambda *a, **k: dataclasses.replace(
+        SHIPPED_PARAMS(*a, **k), seq_fastest=seq_fastest)
+  jax.clear_caches()
+
+
+def grid_orders(cases: str):
+  print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
+  print("case      pass     grid order          ms  cudnn/this", flush=True)
+  for case in cases.split(","):
+    row = _row(case)
+    cudnn = {e["pass"]: e["seconds"]
+             for e in harness.measure(row, ["cudnn"], trials=5)}
+    for label, seq_fastest in (("tiles slowest", False),
+                               ("tiles fastest", True)):
+      use_grid_order(seq_fastest)
+      try:
+        for entry in harness.measure(row, ["flash_jax_mosaic"], trials=5):
+          head = f"{case:9s} {entry['pass']:8s} {label:14s}"
+          if "error" in entry:
+            print(f"{head} error {entry['error'][:300]}", flush=True)
+            continue
+          print(f"{head} {entry['seconds'] * 1e3:8.3f}  "
+                f"{cudnn[entry['pass']] / entry['seconds']:6.3f}x",
+                flush=True)
+      finally:
+        use_grid_order(None)
+
+
 def once(case: str):
   row = _row(case)
   inputs = harness.draw(row)
@@ -97,5 +138,9 @@ def once(case: str):
 if __name__ == "__main__":
   if "--once" in sys.argv:
     once(sys.argv[sys.argv.index("--once") + 1])
+  elif "--grid" in sys.argv:
+    cases = (sys.argv[sys.argv.index("--cases") + 1] if "--cases" in sys.argv
+             else "4096/64,4096,4096c,16384")
+    grid_orders(cases)
   else:
     main()

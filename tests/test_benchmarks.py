@@ -442,3 +442,18 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   monkeypatch.undo()
   probe.use_tile(None)
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
+
+
+def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
+  from benchmarks import hopper_tile_probe as probe
+  from flash_jax import api
+  from flash_jax.backends import pallas_mosaic_gpu
+  q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  call = api.canonicalize(q, q, q)
+  assert pallas_mosaic_gpu._params(call.config, q, q).seq_fastest
+  probe.use_grid_order(False)
+  try:
+    assert not pallas_mosaic_gpu._params(call.config, q, q).seq_fastest
+  finally:
+    probe.use_grid_order(None)
+  assert pallas_mosaic_gpu._params is probe.SHIPPED_PARAMS

@@ -165,22 +165,34 @@ def test_key_major_schedule_of_the_dkv_kernel(seed):
         assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)
 
 
-def test_fused_dq_grid_runs_heads_fastest_and_splits_wide_heads():
-  """With the fused dQ (``deterministic=False``) the dK/dV grid puts heads
-  fastest, so CTAs side by side reduce-add into different dQ rows, and the
-  grid covers the same CTAs; consumers split dQ's columns where half the
-  head dim is a whole 128-byte swizzle tile (head dim 128), else each
-  adds its own keys' part."""
+def test_grids_launch_one_heads_tiles_together_and_split_wide_heads():
+  """Mosaic GPU launches the last grid axis fastest: every kernel's last
+  axis is its sequence tiles (the fused dK/dV kernel keeps its measured
+  ``(heads, kv, batch)``), ``seq_fastest=False`` gives the order before
+  session 11, and each order covers the same CTAs; consumers split dQ's
+  columns where half the head dim is a whole 128-byte swizzle tile (head dim
+  128), else each adds its own keys' part."""
   import importlib
   backward = importlib.import_module(
       "flash_jax.backends.pallas_mosaic_gpu.backward")
-  plain = backward._dkv_grid(_params(num_kv_heads=2, num_heads=4))
+  common = importlib.import_module(
+      "flash_jax.backends.pallas_mosaic_gpu.common")
+  p = _params(num_kv_heads=2, num_heads=4)
+  plain = backward._dkv_grid(p)
   fused = backward._dkv_grid(_params(num_kv_heads=2, num_heads=4,
                                      fused_dq=True))
-  assert plain["grid_names"][0] == "kv" and fused["grid_names"][0] == "heads"
-  assert (dict(zip(plain["grid_names"], plain["grid"]))
-          == dict(zip(fused["grid_names"], fused["grid"]))
-          == {"kv": 3, "heads": 2, "batch": 1})
+  old = backward._dkv_grid(_params(num_kv_heads=2, num_heads=4,
+                                   seq_fastest=False))
+  assert plain["grid_names"] == ("batch", "heads", "kv")
+  assert fused["grid_names"] == ("heads", "kv", "batch")
+  assert old["grid_names"] == ("kv", "heads", "batch")
+  for grid in (plain, fused, old):
+    assert dict(zip(grid["grid_names"], grid["grid"])) == {
+        "kv": 3, "heads": 2, "batch": 1}
+  q_grid = common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads)
+  assert q_grid["grid_names"][-1] == "q"
+  assert dict(zip(q_grid["grid_names"], q_grid["grid"])) == {
+      "q": p.num_q_tiles, "heads": 4, "batch": 1}
   assert backward._splits_dq_columns(_params(head_dim=128))
   assert not backward._splits_dq_columns(_params(head_dim=64))
 

@@ -76,19 +76,21 @@ def _splits_dq_columns(p: ForwardParams) -> bool:
 
 
 def _dkv_grid(p: ForwardParams) -> dict:
-  """The dK/dV kernel's grid.
+  """The dK/dV kernel's grid (`common.sequence_major_grid`: key-block CTAs
+  of one head run side by side and share its Q, dO, lse and D in L2).
 
-  Key blocks run fastest, so the CTAs running side by side share a head's Q
-  and dO. With the fused dQ, heads run fastest instead: key-block CTAs of
-  one head walk the same query blocks in step and would reduce-add into
-  the same dQ rows at once. On an H100 (B=4 T=4k N=16 H=128, bf16) that
-  took the fused backward from 5.1 to 3.0 ms (`fused_dq_probe.py`)."""
+  The fused-dQ kernel keeps the order it was measured with, ``(heads, kv,
+  batch)``: Mosaic GPU launches the last axis fastest, so there the batch
+  rows of one key block, then the key blocks of one head, run together. On
+  an H100 (B=4 T=4k N=16 H=128, bf16) it took the fused backward from 5.1
+  to 3.0 ms against ``(kv, heads, batch)``, whose waves span every head
+  (`fused_dq_probe.py`; session 8 read it as same-row reduce-add
+  contention, but the order it replaced was the L2-thrashing one)."""
   kv_ctas = pl.cdiv(p.kv_seq, CONSUMERS * BLOCK)
   if p.fused_dq:
     return dict(grid=(p.num_kv_heads, kv_ctas, p.batch),
                 grid_names=("heads", "kv", "batch"))
-  return dict(grid=(kv_ctas, p.num_kv_heads, p.batch),
-              grid_names=("kv", "heads", "batch"))
+  return common.sequence_major_grid(p, kv_ctas, "kv", p.num_kv_heads)
 
 
 def _lse_log2(lse):
@@ -467,7 +469,6 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
       ],
-      grid=(p.num_q_tiles, p.num_heads, p.batch),
-      grid_names=("q", "heads", "batch"),
+      **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
   )(*operands)
   return dq, dk, dv

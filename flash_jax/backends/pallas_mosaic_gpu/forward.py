@@ -11,11 +11,11 @@ warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1):
   online softmax (running max ``m`` and sum ``l``, exp2 with log2(e) folded
   into the scale) in registers.
 
-CTAs own query tiles last first (`flash_jax.masks.heavy_first`): the grid
-launches tile by tile across all heads and batch rows, so in plain order a
-causal launch ended with a wave of its longest CTAs on part of the GPU (the
-order took T=4k causal from 0.66x to 0.98x cuDNN on an H100). Without a
-soft-cap, the scale meets the scores after the row max (``folds_scale``).
+CTAs own query tiles last first (`flash_jax.masks.heavy_first`), and the
+tiles of one head launch one after another (`common.sequence_major_grid`),
+so that CTAs running together share the head's K/V in L2 and a causal
+launch does not end on a wave of its longest CTAs. Without a soft-cap, the
+scale meets the scores after the row max (``folds_scale``).
 
 Both consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
@@ -74,6 +74,7 @@ class ForwardParams:
   stages: int
   ping_pong: bool = False   # consumers take turns on the tensor cores
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
+  seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
 
   @property
   def groups(self) -> int:
@@ -271,8 +272,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       functools.partial(_forward_kernel, p=p),
       out_type=varying_like(out_type, *operands),
       scratch_types=scratch,
-      grid=(p.num_q_tiles, p.num_heads, p.batch),
-      grid_names=("q", "heads", "batch"),
+      **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
       num_threads=CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
