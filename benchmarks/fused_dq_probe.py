@@ -4,9 +4,10 @@
 
 Times the Hopper backward with ``deterministic=False`` (dQ reduce-added by
 the dK/dV kernel) in variants built by patching the backward module in this
-process only: as shipped (heads the fastest grid axis); on the
-deterministic kernel's grid order (key blocks fastest); without the TMA
-reduce-adds (dQ is then wrong: timing only); and the
+process only: as shipped (grid ``(heads, kv, batch)``); on the
+deterministic kernel's grid order before session 11, ``(kv, heads,
+batch)``; without the TMA reduce-adds (dQ is then wrong: timing only); and
+the
 deterministic two-kernel backward, for the same rows as
 `backward_probe.py`.
 """
@@ -45,8 +46,11 @@ def _without_reduce_adds(plgpu):
 
 
 def _key_blocks_fastest(p):
-  """The fused kernel on the deterministic kernel's grid order (key blocks
-  fastest), where CTAs side by side reduce-add into the same dQ rows."""
+  """The fused kernel on the deterministic kernel's grid order before
+  session 11, ``(kv, heads, batch)``. (Named when the first grid axis was
+  thought to run fastest; Mosaic GPU runs the last one fastest, so this
+  order has each wave of CTAs span every head: see
+  `flash_jax.backends.pallas_mosaic_gpu.common.sequence_major_grid`.)"""
   kv_ctas = -(-p.kv_seq // (2 * hopper_backward.BLOCK))
   return dict(grid=(kv_ctas, p.num_kv_heads, p.batch),
               grid_names=("kv", "heads", "batch"))

@@ -27,9 +27,9 @@ instead of 7. Each consumer writes its dS^T tile to shared memory; for head
 dim 128 both consumers then take half of dQ's columns over all 128 keys of
 the CTA (64 keys' worth each for head dim 64) and add the float32 tile into
 a zeroed ``[B, T, N, H]`` buffer with a TMA reduce-add. The order of those
-adds varies, so the gradients do too, in the last bits. Heads run fastest
-in that kernel's grid, so the CTAs running side by side add into different
-rows (FlashAttention-3 accumulates dQ with atomics in the same way).
+adds varies, so the gradients do too, in the last bits (FlashAttention-3
+accumulates dQ with atomics in the same way). That kernel's grid order is
+in `_dkv_grid`.
 
 Rows that attend nothing carry lse = -inf; it is read as +inf so that their
 P is exactly 0.
