@@ -193,6 +193,11 @@ def test_grids_launch_one_heads_tiles_together_and_split_wide_heads():
   assert q_grid["grid_names"][-1] == "q"
   assert dict(zip(q_grid["grid_names"], q_grid["grid"])) == {
       "q": p.num_q_tiles, "heads": 4, "batch": 1}
+  # CUDA's z axis holds at most 65535 blocks: a larger batch keeps the
+  # tiles-slowest order, whose x axis has no such limit.
+  huge = _params(batch=70000)
+  assert common.sequence_major_grid(huge, 3, "q", 2)["grid_names"] == (
+      "q", "heads", "batch")
   assert backward._splits_dq_columns(_params(head_dim=128))
   assert not backward._splits_dq_columns(_params(head_dim=64))
 

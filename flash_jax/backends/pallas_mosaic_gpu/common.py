@@ -12,6 +12,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
+MAX_GRID_Z = 65535   # CUDA's limit on gridDim.y and gridDim.z
+
+
 def sequence_major_grid(p, tiles: int, tile_name: str, heads: int) -> dict:
   """``grid`` and ``grid_names`` of a kernel over (sequence tile, head,
   batch row).
@@ -23,8 +26,10 @@ def sequence_major_grid(p, tiles: int, tile_name: str, heads: int) -> dict:
   slowest) has every CTA of a wave in a different head: an H100's 50 MB L2
   then holds a head's K/V for none of its other tiles, and Nsight Compute
   showed the forward at 80-84% of HBM bandwidth (h64 and h128, B*T=16k).
+  The first axis becomes CUDA's z, limited to 65535 blocks, so a batch
+  larger than that keeps the other order (its x axis has no such limit).
   """
-  if p.seq_fastest:
+  if p.seq_fastest and p.batch <= MAX_GRID_Z:
     return dict(grid=(p.batch, heads, tiles),
                 grid_names=("batch", "heads", tile_name))
   return dict(grid=(tiles, heads, p.batch),
