@@ -172,14 +172,18 @@ def _time_rows(labels_rows, make):
 
 
 def _report(times, maps, title):
+  """Prints dense and sparse ms per pass, and with ``maps`` (seconds per
+  pass) the split of the sparse call into the maps and the rest."""
   print(title)
   for pass_ in ("fwd", "fwd+bwd"):
     dense, sparse = (times[k, pass_] * 1e3 for k in ("dense", "sparse"))
-    map_ms = maps[pass_] * 1e3
-    print(f"  {pass_:8s} dense {dense:7.3f}  sparse {sparse:7.3f} "
-          f"(dense/sparse {dense / sparse:5.2f}x)  maps {map_ms:7.3f}  "
-          f"sparse - maps {sparse - map_ms:7.3f} (dense/that "
-          f"{dense / (sparse - map_ms):5.2f}x)", flush=True)
+    line = (f"  {pass_:8s} dense {dense:7.3f}  sparse {sparse:7.3f} "
+            f"(dense/sparse {dense / sparse:5.2f}x)")
+    if maps is not None:
+      map_ms = maps[pass_] * 1e3
+      line += (f"  maps {map_ms:7.3f}  sparse - maps {sparse - map_ms:7.3f} "
+               f"(dense/that {dense / (sparse - map_ms):5.2f}x)")
+    print(line, flush=True)
 
 
 def main(tiles=None):
@@ -198,7 +202,7 @@ def main(tiles=None):
   rows = (("dense", _DENSE, harness.draw(_DENSE)), ("sparse", _SPARSE,
                                                      inputs))
   times = _time_rows(rows, make)
-  _report(times, {"fwd": 0.0, "fwd+bwd": 0.0}, "whole calls:")
+  _report(times, None, "whole calls:")
   for variant, counts in ({} if tiles else COUNT_VARIANTS).items():
     block_map._block_counts = counts
     jax.clear_caches()
@@ -216,7 +220,8 @@ def main(tiles=None):
       print(f"row counts {variant}: {type(e).__name__}: {str(e)[:300]}")
     finally:
       block_map._block_counts = SHIPPED_BLOCK_COUNTS
-  print("sparse forward by loop variant:")
+  if not tiles:
+    print("sparse forward by loop variant:")
   for variant, schedule in ({} if tiles else LOOP_VARIANTS).items():
     triton_common.list_schedule = schedule
     jax.clear_caches()
