@@ -169,37 +169,35 @@ def test_fully_masked_rows_are_zero_without_nan(qkv):
 class TestDropout:
   """In-kernel-style dropout from the Philox hash."""
 
-  def test_philox_known_answers(self):
-    """Random123's published Philox-4x32-10 test vectors."""
-    vectors = [
-        ((0, 0, 0, 0), (0, 0),
-         (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
-        ((0xffffffff,) * 4, (0xffffffff,) * 2,
-         (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
-        ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344),
-         (0xa4093822, 0x299f31d0),
-         (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)),
-    ]
-    for counter, key, expected in vectors:
-      words = flash_jax.dropout.philox4x32(counter, key)
-      assert tuple(int(w) for w in words) == expected
+  # Random123's published Philox-4x32 vectors: three (counter, key) inputs
+  # and their outputs at the standard 10 rounds and at the 7 the dropout
+  # contract uses.
+  PHILOX_INPUTS = [
+      ((0, 0, 0, 0), (0, 0)),
+      ((0xffffffff,) * 4, (0xffffffff,) * 2),
+      ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344),
+       (0xa4093822, 0x299f31d0)),
+  ]
+  PHILOX_OUTPUTS = {
+      10: [(0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8),
+           (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd),
+           (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1)],
+      7: [(0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48),
+          (0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662),
+          (0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a)],
+  }
 
-  def test_philox_seven_round_known_answers(self):
-    """Random123's published Philox-4x32-7 vectors: the rounds the dropout
-    contract uses (`flash_jax.dropout.DROPOUT_ROUNDS`)."""
-    assert flash_jax.dropout.DROPOUT_ROUNDS == 7
-    vectors = [
-        ((0, 0, 0, 0), (0, 0),
-         (0x5f6fb709, 0x0d893f64, 0x4f121f81, 0x4f730a48)),
-        ((0xffffffff,) * 4, (0xffffffff,) * 2,
-         (0x5207ddc2, 0x45165e59, 0x4d8ee751, 0x8c52f662)),
-        ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344),
-         (0xa4093822, 0x299f31d0),
-         (0x4dfccaba, 0x190a87f0, 0xc47362ba, 0xb6b5242a)),
-    ]
-    for counter, key, expected in vectors:
-      words = flash_jax.dropout.philox4x32(
-          counter, key, rounds=flash_jax.dropout.DROPOUT_ROUNDS)
+  @pytest.mark.parametrize("rounds", [10, 7])
+  def test_philox_known_answers(self, rounds):
+    """Philox-4x32-10 (`philox4x32`'s default) and Philox-4x32-7 (the
+    dropout contract's `flash_jax.dropout.DROPOUT_ROUNDS`) against
+    Random123's vectors."""
+    dropout = flash_jax.dropout
+    assert dropout.DROPOUT_ROUNDS == 7
+    for (counter, key), expected in zip(self.PHILOX_INPUTS,
+                                        self.PHILOX_OUTPUTS[rounds]):
+      words = (dropout.philox4x32(counter, key) if rounds == 10
+               else dropout.philox4x32(counter, key, rounds=rounds))
       assert tuple(int(w) for w in words) == expected
 
   def test_emulated_mulhi_is_exact(self, rng):
