@@ -74,9 +74,9 @@ ROW_SETS = {
     "suite_dtypes": BenchSet(tuple(
         Row(4, 4096, 4096, 16, 16, 128, causal, dtype)
         for dtype in ("float16", "float32") for causal in (False, True))),
-    # Issue 6's rows, Hopper backend with its ping-pong schedule forced on
-    # and off against cuDNN (sm90 only; the Triton and XLA columns are in
-    # the suite sets).
+    # Issue 6's rows: the Hopper backend's default (deterministic)
+    # backward and its deterministic=False one against cuDNN (sm90 only;
+    # the Triton and XLA columns are in the suite sets).
     "hopper": BenchSet(
         tuple(Row(16384 // t, t, t, 16, 16, 128, causal)
               for t in (4096, 16384) for causal in (False, True)) + (
@@ -86,8 +86,8 @@ ROW_SETS = {
             Row(4, 4096, 4096, 8, 8, 256, True),
             Row(32, 512, 512, 32, 32, 64, False),
             Row(32, 512, 512, 32, 32, 64, True)),
-        implementations=("flash_jax_mosaic_pingpong",
-                         "flash_jax_mosaic_no_pingpong", "cudnn")),
+        implementations=("flash_jax_mosaic",
+                         "flash_jax_mosaic_nondeterministic", "cudnn")),
     # Issue 3's feature benchmarks.
     "features": BenchSet(
         (_DOCS, _DENSE, _SPARSE, _CAUSAL_32K, _WINDOW_32K, _NO_DROPOUT,
