@@ -16,8 +16,8 @@ import pytest
 
 import flash_jax
 from helpers import (Case, assert_flash_close, bias_grad_pair, draw_inputs,
-                     max_abs_error, oracle, reference_grad_pair,
-                     reference_pair, vjp_triple)
+                     max_abs_error, oracle, packed_segment_ids,
+                     reference_grad_pair, reference_pair, vjp_triple)
 
 SIZES = [(1, 1), (17, 17), (97, 97), (128, 128), (113, 203), (203, 113),
          (1023, 1024)]
@@ -251,6 +251,19 @@ class AttentionTestBase:
     self.check_against_reference(q, k, v, do, mask=mask, is_causal=is_causal,
                                  query_segment_ids=q_ids,
                                  kv_segment_ids=kv_ids)
+
+  @pytest.mark.parametrize("is_causal", [False, True])
+  def test_segment_ids_with_lengths_at_default_tiles(self, rng, is_causal):
+    """Packed documents with padding lengths and GQA at head dim 128 in
+    bf16, on the backend's own tiles (no block_sizes): on an H100 the
+    Hopper kernels then walk their block-map lists."""
+    case = Case(2, 333, 517, 4, 2, 128, 128, is_causal, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    q_ids, kv_ids = packed_segment_ids(rng, 333, 517)
+    self.check_against_reference(
+        q, k, v, do, is_causal=is_causal, query_segment_ids=q_ids,
+        kv_segment_ids=kv_ids, query_seq_lengths=jnp.array([333, 250]),
+        key_value_seq_lengths=jnp.array([517, 301]))
 
   def test_bias_with_mask_and_causal(self, rng):
     case = Case(2, 113, 203, 4, 1, 64, 64, True, "float16")

@@ -47,6 +47,16 @@ def draw_inputs(rng, case: Case, scale: float = 1.0):
   return tuple(x.astype(dtype) for x in (q, k, v, do))
 
 
+def packed_segment_ids(rng, q_seq: int, kv_seq: int, *, batch: int = 2,
+                       num_ids: int = 4):
+  """Sorted random segment ids ``[batch, T]`` and ``[batch, S]`` (packed
+  documents of random lengths, drawn fresh from ``rng``)."""
+  kq, kk = jax.random.split(jax.random.fold_in(rng, 77))
+  draw = lambda key, seq: jnp.sort(
+      jax.random.randint(key, (batch, seq), 0, num_ids), axis=1)
+  return draw(kq, q_seq), draw(kk, kv_seq)
+
+
 def max_abs_error(actual, expected) -> float:
   """Max |actual - expected| over finite entries; inf where the -inf
   pattern (empty rows) disagrees."""

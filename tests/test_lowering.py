@@ -283,6 +283,45 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
     assert (mosaic_kernels, triton_kernels, aliased) == (2, 0, True)
 
 
+@pytest.mark.parametrize("head_dim, spec, deterministic", [
+    (128, MaskSpec(is_causal=True), True),
+    (128, MaskSpec(is_causal=True), False),
+    (64, MaskSpec(), True),
+    (64, MaskSpec(is_causal=True, window_left=300, window_right=0), False),
+    (256, MaskSpec(is_causal=True), True)])
+def test_mosaic_gpu_segment_kernels_lower_for_h100(head_dim, spec,
+                                                   deterministic):
+  """With segment ids the Hopper kernels (not a fall-through to Triton)
+  walk block-map lists: forward and backward lower through Mosaic GPU,
+  with GQA, padding lengths and unaligned T and S (for head dims above 128
+  the backward is the Triton one, with its own lists)."""
+  config = AttentionConfig(
+      mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
+      interpret=False, deterministic=deterministic)
+  batch, q_seq, kv_seq = 2, 1000, 1100
+  q, k, v = _structs(batch, q_seq, kv_seq, 8, 2, head_dim, head_dim,
+                     jnp.bfloat16)
+  sd = jax.ShapeDtypeStruct
+  ids = (sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32))
+  length = sd((batch,), jnp.int32)
+
+  def loss(q, k, v, q_ids, kv_ids, q_lengths, kv_lengths):
+    arrays = MaskArrays(q_lengths, kv_lengths, q_segment_ids=q_ids,
+                        kv_segment_ids=kv_ids)
+    out, lse = flash_attention(config, q, k, v, None, arrays)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
+        jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+  text = lower_for_h100(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v,
+                        *ids, length, length)
+  kernels = (text.count(f"custom_call @{MOSAIC_CALL}"),
+             text.count(TRITON_CALL))
+  if head_dim > 128:
+    assert kernels == (1, 2)
+  else:
+    assert kernels == ((3, 0) if deterministic else (2, 0))
+
+
 @pytest.mark.parametrize("implementation, head_dim", [
     ("pallas_mosaic_gpu", 128), ("pallas_mosaic_gpu", 64),
     ("pallas_triton", 128)])

@@ -165,6 +165,92 @@ def test_key_major_schedule_of_the_dkv_kernel(seed):
         assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_segment_list_walks_cover_every_attended_pair(seed):
+  """With segment ids each Hopper kernel walks its row of a block map's
+  lists, built by `segment_lists` at that kernel's tiles on the padded
+  sequences: the forward's and dQ's key blocks per 128 queries, dK/dV's
+  query blocks per 128 keys. Read through the kernels' own `list_walk` and
+  `phase_steps`, every attended pair lies in a visited block, and every
+  block taken without the element mask is attended by all of its valid
+  rows and lies inside the valid keys."""
+  from flash_jax import block_map
+  from flash_jax.backends.pallas_mosaic_gpu.backward import BLOCK
+  from flash_jax.config import AttentionConfig
+  from flash_jax.masks import MaskArrays
+  rs = np.random.RandomState(2000 + seed)
+  batch = 2
+  q_seq, kv_seq = (int(x) for x in rs.randint(1, 600, size=2))
+  spec = _random_spec(rs, q_seq, kv_seq)
+  num_ids = int(rs.randint(1, 6))
+  q_ids = np.sort(rs.randint(0, num_ids, size=(batch, q_seq)), axis=1)
+  kv_ids = np.sort(rs.randint(0, num_ids, size=(batch, kv_seq)), axis=1)
+  if rs.rand() < 0.3:  # unsorted ids: the map is then conservative
+    kv_ids = rs.randint(0, num_ids, size=(batch, kv_seq))
+  q_lengths = np.where(rs.rand(batch) < 0.4,
+                       rs.randint(0, q_seq + 1, size=batch), q_seq)
+  kv_lengths = np.where(rs.rand(batch) < 0.4,
+                        rs.randint(0, kv_seq + 1, size=batch), kv_seq)
+  q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
+  p = _params(batch=batch, q_seq=q_pad, kv_seq=kv_pad, mask=spec,
+              block_kv=int(rs.choice([64, 128])), segments=True)
+  config = AttentionConfig(mask=spec, scale=0.1, implementation=mosaic.NAME)
+  arrays = MaskArrays(q_segment_ids=jnp.asarray(q_ids, jnp.int32),
+                      kv_segment_ids=jnp.asarray(kv_ids, jnp.int32))
+  rows = p.rows_per_cta
+  walks = {  # kernel: (row block, column block, lists from states)
+      "forward": (rows, p.block_kv, block_map.kv_lists),
+      "dkv": (rows, BLOCK, block_map.q_lists),
+      "dq": (rows, BLOCK, block_map.kv_lists)}
+  tiles = [(rows, p.block_kv), (BLOCK, rows), (rows, BLOCK)]
+  q_ids_in, kv_ids_in, states = mosaic.segment_lists(
+      config, p, arrays, jnp.asarray(q_lengths, jnp.int32),
+      jnp.asarray(kv_lengths, jnp.int32), tiles)
+  # The kernels' copies of the ids cover whole CTAs, repeating the last id.
+  assert q_ids_in.shape[1] % rows == 0 and kv_ids_in.shape[1] % rows == 0
+  np.testing.assert_array_equal(q_ids_in[:, :q_seq], q_ids)
+  np.testing.assert_array_equal(kv_ids_in[:, kv_seq:],
+                                np.repeat(kv_ids[:, -1:], kv_ids_in.shape[1]
+                                          - kv_seq, axis=1))
+  for (name, (row_block, col_block, to_lists)), state in zip(walks.items(),
+                                                             states):
+    lists = to_lists(state)
+    refs = common.SegmentRefs(None, None, np.asarray(lists.blocks),
+                              np.asarray(lists.counts))
+    for b in range(batch):
+      q_len, kv_len = int(q_lengths[b]), int(kv_lengths[b])
+      allowed = _dense(spec, q_pad, kv_pad, q_len, kv_len) & (
+          np.asarray(q_ids_in)[b, :q_pad, None]
+          == np.asarray(kv_ids_in)[b, None, :kv_pad])
+      if name == "dkv":        # rows are keys, columns queries
+        allowed, row_len, col_len = allowed.T, kv_len, q_len
+      else:
+        row_len, col_len = q_len, kv_len
+      for r in range(lists.blocks.shape[2]):
+        walk = common.list_walk(refs, b, r)
+        first_full, end_full = common.phase_steps(walk)
+        steps = int(walk.steps)
+        assert (int(first_full), int(end_full)) == (int(walk.num_partial),
+                                                    steps)
+        mine = allowed[r * row_block:(r + 1) * row_block]
+        visited = np.zeros(mine.shape[1], bool)
+        for t in range(steps):
+          c = int(walk.block_of(t))
+          visited[c * col_block:(c + 1) * col_block] = True
+          if t >= int(first_full):   # unmasked
+            cols = slice(c * col_block, min((c + 1) * col_block, col_len))
+            if name == "dkv":
+              # Every key is valid (its dK, dV must stay 0 otherwise);
+              # queries past q_len have lse = -inf, so P = 0 there.
+              assert (r + 1) * row_block <= kv_len, (name, b, r, t)
+              assert mine[:, cols].all(), (name, b, r, t)
+            else:
+              assert (c + 1) * col_block <= kv_len, (name, b, r, t)
+              valid = max(0, min(row_len - r * row_block, row_block))
+              assert mine[:valid, cols].all(), (name, b, r, t)
+        assert not (mine & ~visited[None, :]).any(), (name, b, r)
+
+
 def test_grids_launch_one_heads_tiles_together_and_split_wide_heads():
   """Mosaic GPU launches the last grid axis fastest: every kernel's last
   axis is its sequence tiles (the fused dK/dV kernel keeps its measured

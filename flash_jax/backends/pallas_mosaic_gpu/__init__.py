@@ -16,11 +16,15 @@ that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`).
 
 It takes: causal (either alignment, but bottom-right only as the static
 ``S - T`` offset, not aligned to padding lengths), local windows, padding
-lengths, GQA/MQA,
-any T and S, head dims up to 256 (zero-padded to 64, 128 or 256; value head
-dim equal to the query head dim), float16 and bfloat16, soft-cap. Anything
-else raises NotImplementedError so the dispatcher falls through (usually to
-``"pallas_triton"``).
+lengths, segment ids, GQA/MQA, any T and S, head dims up to 256
+(zero-padded to 64, 128 or 256; value head dim equal to the query head dim),
+float16 and bfloat16, soft-cap. Anything else (bias, a dense mask,
+``mask_fn``, dropout, float32) raises NotImplementedError so the dispatcher
+falls through (usually to ``"pallas_triton"``).
+
+With segment ids each kernel walks a block map's lists
+(`flash_jax.block_map`, built here in XLA at the kernel's own tiles), so
+blocks between documents are never loaded.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from flash_jax import platform
+from flash_jax import block_map, platform
 from flash_jax.backends.pallas_mosaic_gpu import backward as _backward
+from flash_jax.backends.pallas_mosaic_gpu import common as _common
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
 from flash_jax.config import AttentionConfig
+from flash_jax.masks import MaskArrays
 
 NAME = "pallas_mosaic_gpu"
 HEAD_DIMS = (64, 128, 256)
@@ -59,7 +65,6 @@ def _unsupported(config: AttentionConfig, query, value, bias, arrays
   return [reason for reason, bad in (
       ("bias", bias is not None),
       ("a dense mask", arrays.mask is not None),
-      ("segment ids", arrays.q_segment_ids is not None),
       ("mask_fn", spec.mask_fn is not None),
       ("bottom-right alignment to padding lengths", spec.align_to_lengths),
       ("dropout", config.dropout_rate > 0),
@@ -102,7 +107,7 @@ def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
   return chosen
 
 
-def _params(config: AttentionConfig, query, key):
+def _params(config: AttentionConfig, query, key, arrays):
   batch, q_seq, num_heads, head_dim = query.shape
   padded = _padded_head_dim(head_dim)
   block_kv = 64 if padded > 128 else 128
@@ -113,7 +118,8 @@ def _params(config: AttentionConfig, query, key):
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
       stages=3 if padded <= 64 else 2,
       ping_pong=_ping_pong(config, padded),
-      fused_dq=not config.deterministic)
+      fused_dq=not config.deterministic,
+      segments=arrays.q_segment_ids is not None)
 
 
 def _lengths(lengths, batch: int, full: int):
@@ -135,20 +141,55 @@ def _pad(x, seq: int, head_dim: int):
   return jnp.pad(x, [(0, 0), (0, pad_seq), (0, 0), (0, pad_head)])
 
 
+def _padded_ids(ids, seq: int):
+  """Segment ids padded to ``seq`` by repeating the last one (padding lies
+  past the lengths, which mask it; repeating keeps full blocks full)."""
+  return jnp.pad(ids.astype(jnp.int32), [(0, 0), (0, seq - ids.shape[1])],
+                 mode="edge")
+
+
+def segment_lists(config: AttentionConfig, p, arrays, q_lengths, kv_lengths,
+                  tiles):
+  """The padded segment ids and a block map's states at each ``(block_q,
+  block_kv)`` of ``tiles``, for the padded sequences of ``p``.
+
+  The map sees the true lengths (``q_lengths``/``kv_lengths``), so blocks
+  reaching into padding are never full."""
+  q_ids = _padded_ids(arrays.q_segment_ids, p.q_seq)
+  kv_ids = _padded_ids(arrays.kv_segment_ids, p.kv_seq)
+  states = block_map.block_states_for_tiles(
+      config.mask, MaskArrays(q_lengths, kv_lengths, q_segment_ids=q_ids,
+                              kv_segment_ids=kv_ids),
+      batch=p.batch, num_heads=p.num_heads, q_seq=p.q_seq, kv_seq=p.kv_seq,
+      tiles=tiles)
+  # The kernels read a CTA's own ids from global memory without TMA's
+  # clipping, so the ids cover whole CTAs.
+  whole = lambda n: -(-n // p.rows_per_cta) * p.rows_per_cta
+  return (_padded_ids(q_ids, whole(p.q_seq)),
+          _padded_ids(kv_ids, whole(p.kv_seq)), states)
+
+
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
   """Returns ``(out [B,T,N,H], lse [B,N,T] float32)``."""
   assert not _unsupported(config, query, value, bias, arrays)
   batch, q_seq, _, head_dim = query.shape
   kv_seq = key.shape[1]
-  p = _params(config, query, key)
+  p = _params(config, query, key, arrays)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   # The kernel sees the padded lengths; the mask keeps the true ones.
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
+  q_lengths = _lengths(arrays.q_lengths, batch, q_seq)
+  kv_lengths = _lengths(arrays.kv_lengths, batch, kv_seq)
+  segments = ()
+  if p.segments:
+    q_ids, kv_ids, (states,) = segment_lists(
+        config, p, arrays, q_lengths, kv_lengths,
+        [(p.rows_per_cta, p.block_kv)])
+    segments = _common.segment_operands(q_ids, kv_ids,
+                                        block_map.kv_lists(states))
   out, lse = _forward.forward(
       p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
-      _pad(value, kv_pad, p.head_dim),
-      _lengths(arrays.q_lengths, batch, q_seq),
-      _lengths(arrays.kv_lengths, batch, kv_seq))
+      _pad(value, kv_pad, p.head_dim), q_lengths, kv_lengths, segments)
   return out[:, :q_seq, :, :head_dim], lse[:, :, :q_seq]
 
 
@@ -170,7 +211,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
                                   out, lse, dout, dlse)
   batch, q_seq, _, head_dim = query.shape
   kv_seq = key.shape[1]
-  p = _params(config, query, key)
+  p = _params(config, query, key, arrays)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
   # D = rowsum(dO * O), minus the lse cotangent (FlashAttention-2).
@@ -179,10 +220,20 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   rows = [(0, 0), (0, 0), (0, q_pad - q_seq)]
   lse = jnp.pad(lse, rows, constant_values=-jnp.inf)
   delta = jnp.pad(delta, rows)
+  q_lengths = _lengths(arrays.q_lengths, batch, q_seq)
+  kv_lengths = _lengths(arrays.kv_lengths, batch, kv_seq)
+  dkv_segments = dq_segments = ()
+  if p.segments:
+    block, cta = _backward.BLOCK, p.rows_per_cta
+    q_ids, kv_ids, (dkv_states, dq_states) = segment_lists(
+        config, p, arrays, q_lengths, kv_lengths, [(block, cta), (cta, block)])
+    dkv_segments = _common.segment_operands(q_ids, kv_ids,
+                                            block_map.q_lists(dkv_states))
+    dq_segments = _common.segment_operands(q_ids, kv_ids,
+                                           block_map.kv_lists(dq_states))
   dq, dk, dv = _backward.backward(
       p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
       _pad(value, kv_pad, p.head_dim), _pad(dout, q_pad, p.head_dim), lse,
-      delta, _lengths(arrays.q_lengths, batch, q_seq),
-      _lengths(arrays.kv_lengths, batch, kv_seq))
+      delta, q_lengths, kv_lengths, dkv_segments, dq_segments)
   return (dq[:, :q_seq, :, :head_dim], dk[:, :kv_seq, :, :head_dim],
           dv[:, :kv_seq, :, :head_dim], None)

@@ -31,6 +31,12 @@ adds varies, so the gradients do too, in the last bits (FlashAttention-3
 accumulates dQ with atomics in the same way). That kernel's grid order is
 in `_dkv_grid`.
 
+With segment ids (``ForwardParams.segments``) each kernel walks its row of
+a block map's lists (`flash_jax.block_map`), as the forward does: the dK/dV
+kernel the query blocks of its 128 keys, the dQ kernel the key blocks of its
+128 queries; the producer streams the walked blocks' segment ids next to
+them.
+
 Rows that attend nothing carry lse = -inf; it is read as +inf so that their
 P is exactly 0.
 """
@@ -99,6 +105,9 @@ def _lse_log2(lse):
 
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, *refs, p: ForwardParams):
+  segment_refs, refs = common.SegmentRefs.split(p, refs)
+  if p.segments:
+    *refs, q_ids_ring, q_ids_ready = refs
   if p.fused_dq:
     (dq_acc_ref, dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring, lse_ring,
      delta_ring, kv_ready, q_ready, do_ready, lse_ready, delta_ready,
@@ -111,16 +120,21 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   wg = lax.axis_index("wg")
   stages = p.stages
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
-  cta_start = lax.axis_index("kv") * (CONSUMERS * BLOCK)
-  lo, q_steps = common.shared_range(p.mask.q_block_range(
-      cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, BLOCK))
+  kv_tile = lax.axis_index("kv")
+  cta_start = kv_tile * (CONSUMERS * BLOCK)
+  if p.segments:
+    walk = common.list_walk(segment_refs, batch, kv_tile)
+  else:
+    walk = common.range_walk(p.mask.q_block_range(
+        cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, BLOCK))
+  q_steps = walk.steps
   # Every query head of the GQA group, each over the same query blocks.
   steps = q_steps * p.groups
 
   def locate(t):
     group, i = lax.div(t, jnp.maximum(q_steps, 1)), lax.rem(
         t, jnp.maximum(q_steps, 1))
-    return kv_head * p.groups + group, lo + i
+    return kv_head * p.groups + group, walk.block_of(i)
 
   @pl.when(wg == PRODUCER)
   def _producer():
@@ -143,6 +157,9 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                               do_ready.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
                               delta_ring.at[slot], delta_ready.at[slot])
+      if p.segments:
+        plgpu.copy_gmem_to_smem(segment_refs.q_ids.at[batch, rows],
+                                q_ids_ring.at[slot], q_ids_ready.at[slot])
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -158,9 +175,13 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     own = p.mask.q_block_range(kv_start, kv_start + BLOCK, q_len, kv_len,
                                BLOCK)
-    first_full, end_full = common.own_phase_steps(own, lo, q_steps)
+    first_full, end_full = common.phase_steps(walk, own)
     tile = (BLOCK, BLOCK)          # [keys, queries]
     column = plgpu.Layout.WGMMA.reduce(0)
+    if p.segments:
+      kv_ids = common.load_ids(
+          segment_refs.kv_ids.at[batch, pl.ds(kv_start, BLOCK)],
+          common.ROW_IDS, from_global=True)
 
     split = _splits_dq_columns(p)
     dq_cols = p.head_dim // CONSUMERS if split else p.head_dim
@@ -174,9 +195,17 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       logits, tanh = _logits(s_t, p)
       lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
       probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
+      if p.segments:
+        # Every step waits (barriers track their phase per wait).
+        plgpu.barrier_wait(q_ids_ready.at[slot])
       if masked:
+        segment_ids = None
+        if p.segments:
+          segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
+                                                 common.COLUMN_IDS))
         allowed = common.tile_allowed(p, tile, q_block * BLOCK, kv_start,
-                                      kv_len, keys_are_rows=True)
+                                      kv_len, keys_are_rows=True,
+                                      segment_ids=segment_ids)
         probs = jnp.where(allowed, probs, 0.0)
       return probs, tanh
 
@@ -306,24 +335,33 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
 
 def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-               delta_ref, dq_ref, q_smem, do_smem, lse_smem, delta_smem,
-               k_ring, v_ring, row_ready, k_ready, v_ready, k_free, v_free, *,
-               p: ForwardParams):
+               delta_ref, *refs, p: ForwardParams):
+  segment_refs, refs = common.SegmentRefs.split(p, refs)
+  (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, row_ready,
+   k_ready, v_ready, k_free, v_free, *ids_scratch) = refs
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   block_kv, stages = BLOCK, p.stages
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
   # The forward's query tiles, in its order (the last first).
-  cta_start = p.q_tile_of(lax.axis_index("q")) * p.rows_per_cta
-  lo, steps = common.shared_range(p.mask.kv_block_range(
-      cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, block_kv))
+  q_tile = p.q_tile_of(lax.axis_index("q"))
+  cta_start = q_tile * p.rows_per_cta
+  if p.segments:
+    walk = common.list_walk(segment_refs, batch, q_tile)
+    kv_ids_ring, kv_ids_ready = ids_scratch
+  else:
+    walk = common.range_walk(p.mask.kv_block_range(
+        cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, block_kv))
+  steps = walk.steps
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    common.stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready,
-                     k_free, v_free, batch=batch, head=head, lo=lo,
-                     steps=steps, block_kv=block_kv)
+    common.stream_kv(
+        p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free, v_free,
+        batch=batch, head=head, walk=walk, block_kv=block_kv,
+        kv_ids=((segment_refs.kv_ids, kv_ids_ring, kv_ids_ready)
+                if p.segments else None))
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -347,8 +385,11 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     own = p.mask.kv_block_range(q_start, q_start + BLOCK, q_len, kv_len,
                                 block_kv)
-    first_full, end_full = common.own_phase_steps(own, lo, steps)
+    first_full, end_full = common.phase_steps(walk, own)
     tile = (BLOCK, block_kv)
+    if p.segments:
+      q_ids = common.load_ids(segment_refs.q_ids.at[batch, rows],
+                              common.ROW_IDS, from_global=True)
 
     def step(t, dq, *, masked: bool):
       slot = lax.rem(t, jnp.int32(stages))
@@ -362,9 +403,17 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
         logits, tanh = _logits(s, p)
         probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
+        if p.segments:
+          # Every step waits (barriers track their phase per wait).
+          plgpu.barrier_wait(kv_ids_ready.at[slot])
         if masked:
+          segment_ids = None
+          if p.segments:
+            segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
+                                                  common.COLUMN_IDS))
           allowed = common.tile_allowed(p, tile, q_start,
-                                        (lo + t) * block_kv, kv_len)
+                                        walk.block_of(t) * block_kv, kv_len,
+                                        segment_ids=segment_ids)
           probs = jnp.where(allowed, probs, 0.0)
         return probs, tanh, dp_ref[...]
       probs, tanh, dp = pl.run_scoped(products, plgpu.ACC(tile, jnp.float32),
@@ -390,8 +439,13 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
 
 def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
-             kv_lengths):
+             kv_lengths, dkv_segments=(), dq_segments=()):
   """Returns ``(dq, dk, dv)``.
+
+  With ``p.segments``, ``dkv_segments`` and ``dq_segments`` are
+  `common.segment_operands` of the padded ids and, respectively, the query
+  lists of ``(BLOCK, 128)`` blocks and the key lists of ``(128, BLOCK)``
+  blocks.
 
   Sequence lengths are multiples of 8 and head dims of 64 (callers pad);
   ``lse``/``delta`` are float32 ``[B, N, T]``. Tiles hanging past T or S
@@ -410,6 +464,8 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
 
   operands = (q_lengths, kv_lengths, query, key, value, dout, lse, delta)
+  ids_scratch = lambda: [plgpu.SMEM((stages, BLOCK), jnp.int32),  # ids ring
+                         plgpu.Barrier(num_barriers=stages)]      # landed
   dkv_scratch = [
       _smem(p, CONSUMERS * BLOCK, p.head_dim),         # K
       _smem(p, CONSUMERS, BLOCK, p.head_dim),          # V
@@ -424,7 +480,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
       plgpu.Barrier(num_barriers=stages),              # D landed
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # free
   ]
-  dkv_operands = operands
+  dkv_operands = operands + tuple(dkv_segments)
   if p.fused_dq:
     dq_cols = p.head_dim // CONSUMERS if _splits_dq_columns(p) else p.head_dim
     dkv_scratch += [
@@ -439,7 +495,9 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
     # [B, N, T, H] one was tried and measured slower; benchmarks/NOTES.md,
     # session 8.)
     dq_acc = jax.new_ref(jnp.zeros(query.shape, jnp.float32))
-    dkv_operands = operands + (dq_acc,)
+    dkv_operands += (dq_acc,)
+  if p.segments:
+    dkv_scratch += ids_scratch()
   dk, dv = kernel(
       functools.partial(_dkv_kernel, p=p),
       out_type=varying_like([jax.ShapeDtypeStruct(key.shape, key.dtype),
@@ -468,7 +526,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_barriers=stages),              # V landed
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
-      ],
+      ] + (ids_scratch() if p.segments else []),
       **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
-  )(*operands)
+  )(*operands, *dq_segments)
   return dq, dk, dv

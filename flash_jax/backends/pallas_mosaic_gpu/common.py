@@ -1,10 +1,13 @@
-"""Pieces the Hopper kernels share: sequence lengths, a CTA's block range
-and its masked/unmasked phases, the element mask of a tile, and the TMA
-producer that streams key/value blocks through a ring."""
+"""Pieces the Hopper kernels share: sequence lengths, the blocks a CTA walks
+(a range, or a block map's list with segment ids) and their masked/unmasked
+phases, the element mask of a tile, and the TMA producer that streams
+key/value blocks through a ring."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax.numpy as jnp
 from jax import lax
@@ -42,6 +45,76 @@ def clipped_lengths(p, q_len_ref, kv_len_ref, batch):
           jnp.clip(kv_len_ref[batch], 0, p.kv_seq))
 
 
+@dataclasses.dataclass(frozen=True)
+class Walk:
+  """The blocks a CTA visits, which its producer and both consumers walk:
+  ``steps`` of them, step ``t`` visiting block ``block_of(t)``.
+
+  A range walk (``lists`` None) visits ``lo .. lo + steps``. A list walk
+  reads a `flash_jax.block_map.BlockLists` row: its ``num_partial``
+  partial blocks first, then its full ones.
+  """
+
+  steps: Any
+  block_of: Callable[[Any], Any]
+  num_partial: Any = None   # list walks only
+  lo: Any = None            # range walks only
+
+
+def range_walk(block_range) -> Walk:
+  """The walk over a `flash_jax.masks.BlockRange` (causal, window and
+  lengths need nothing else)."""
+  lo, steps = shared_range(block_range)
+  return Walk(steps=steps, block_of=lambda t: lo + t, lo=lo)
+
+
+def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
+  """The walk over row ``row_block`` of a block map's lists (in global
+  memory, ``[Bm, 1, R, C]`` and ``[Bm, 1, R, 2]``), read with scalar
+  loads."""
+  blocks, counts = segment_refs.blocks, segment_refs.counts
+  b = batch if blocks.shape[0] > 1 else 0
+  num_partial = counts[b, 0, row_block, 0]
+  return Walk(steps=num_partial + counts[b, 0, row_block, 1],
+              block_of=lambda t: blocks[b, 0, row_block, t],
+              num_partial=num_partial)
+
+
+def phase_steps(walk: Walk, own=None):
+  """``(first_full, end_full)``: the unmasked steps of one consumer.
+
+  A list walk's full blocks are full for every row of the CTA, so both
+  consumers take its classification; a range walk splits by the
+  consumer's own rows (``own``, their `BlockRange`)."""
+  if walk.num_partial is not None:
+    return walk.num_partial, walk.steps
+  return own_phase_steps(own, walk.lo, walk.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentRefs:
+  """A kernel's segment-id inputs (global memory): the padded ids, int32
+  ``[B, T]`` and ``[B, S]``, and the block map's lists of its walk."""
+
+  q_ids: Any
+  kv_ids: Any
+  blocks: Any
+  counts: Any
+
+  @classmethod
+  def split(cls, p, refs):
+    """``(SegmentRefs or None, the other refs)`` from a kernel's refs after
+    its common inputs (segment inputs come first when ``p.segments``)."""
+    if not p.segments:
+      return None, refs
+    return cls(*refs[:4]), refs[4:]
+
+
+def segment_operands(q_ids, kv_ids, lists) -> tuple:
+  """The kernel operands `SegmentRefs.split` takes apart."""
+  return (q_ids, kv_ids, lists.blocks, lists.counts)
+
+
 def shared_range(block_range):
   """``(lo, steps)``: the first block and the block count of a CTA's range,
   which its producer and both consumers walk."""
@@ -69,30 +142,57 @@ def run_phases(total, first_full, end_full, step, carry):
   return lax.fori_loop(end_full, total, masked, carry)
 
 
-def tile_allowed(p, tile, q_start, kv_start, kv_len, *, keys_are_rows=False):
+def tile_allowed(p, tile, q_start, kv_start, kv_len, *, keys_are_rows=False,
+                 segment_ids=None):
   """The element mask of a ``tile`` of scores in the wgmma layout, whose
   rows are queries from ``q_start`` (or, with ``keys_are_rows``, keys from
-  ``kv_start``: the transposed tiles of the dK/dV kernel)."""
+  ``kv_start``: the transposed tiles of the dK/dV kernel).
+
+  ``segment_ids``, if given, is ``(row_ids, column_ids)``: the tile's rows'
+  ids in the ``WGMMA.reduce(1)`` layout and its columns' in
+  ``WGMMA.reduce(0)`` (`load_ids`); pairs of different ids are masked."""
   iota = lambda axis: plgpu.broadcasted_iota(jnp.int32, tile, axis,
                                              layout=plgpu.Layout.WGMMA)
   q_axis, kv_axis = (1, 0) if keys_are_rows else (0, 1)
-  return p.mask.allows(q_start + iota(q_axis), kv_start + iota(kv_axis),
-                       kv_len)
+  allowed = p.mask.allows(q_start + iota(q_axis), kv_start + iota(kv_axis),
+                          kv_len)
+  if segment_ids is not None:
+    row_ids, column_ids = segment_ids
+    allowed = allowed & (lax.broadcast_in_dim(row_ids, tile, [0])
+                         == lax.broadcast_in_dim(column_ids, tile, [1]))
+  return allowed
+
+
+ROW_IDS = plgpu.Layout.WGMMA.reduce(1)      # one id per row of a tile
+COLUMN_IDS = plgpu.Layout.WGMMA.reduce(0)   # one id per column
+
+
+def load_ids(ids_ref, layout, *, from_global: bool = False):
+  """Segment ids as a vector in ``layout``, from shared memory or (once per
+  CTA, where latency matters little) straight from global memory, which
+  Mosaic GPU loads only element by element (``optimized=False``)."""
+  return plgpu.load(ids_ref, layout=layout, optimized=not from_global)
 
 
 def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
-              v_free, *, batch, head, lo, steps, block_kv: int):
+              v_free, *, batch, head, walk: Walk, block_kv: int,
+              kv_ids=None):
   """The producer warpgroup of a query-major kernel: TMA copies of the key
-  and value blocks ``lo .. lo + steps`` into a ``p.stages``-slot ring. A
-  slot is reused only after both consumers released it (its "free"
-  barrier), K and V separately so K can land while V is still read."""
+  and value blocks of ``walk`` into a ``p.stages``-slot ring. A slot is
+  reused only after both consumers released it (its "free" barrier), K and
+  V separately so K can land while V is still read.
+
+  ``kv_ids``, with segment ids, is ``(ids_ref, ids_ring, ids_ready)``: the
+  blocks' key segment ids ride with V (consumers read them before they
+  release V)."""
   plgpu.set_max_registers(40, action="decrease")
   kv_head = lax.div(head, jnp.int32(p.groups))
 
-  @pl.loop(0, steps)
+  @pl.loop(0, walk.steps)
   def _(t):
     slot = lax.rem(t, jnp.int32(p.stages))
-    rows = pl.ds((lo + t) * block_kv, block_kv)
+    start = walk.block_of(t) * block_kv
+    rows = pl.ds(start, block_kv)
     for src, ring, ready, free in ((k_ref, k_ring, k_ready, k_free),
                                    (v_ref, v_ring, v_ready, v_free)):
       @pl.when(t >= p.stages)
@@ -100,3 +200,7 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
         plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(src.at[batch, rows, kv_head], ring.at[slot],
                               ready.at[slot])
+    if kv_ids is not None:
+      ids_ref, ids_ring, ids_ready = kv_ids
+      plgpu.copy_gmem_to_smem(ids_ref.at[batch, pl.ds(start, block_kv)],
+                              ids_ring.at[slot], ids_ready.at[slot])

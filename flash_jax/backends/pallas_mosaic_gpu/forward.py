@@ -21,7 +21,10 @@ Both consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
 no per-consumer schedule; each consumer splits that range by its own rows
 into masked and unmasked phases, so only blocks on a mask boundary pay for
-the element-wise mask. Tails need no padding: TMA reads past the array as
+the element-wise mask. With segment ids (``segments``) the CTA walks its
+row of a block map's lists instead (`flash_jax.block_map`: partial blocks,
+then full ones, empty blocks never), and the producer streams each block's
+key segment ids with its V. Tails need no padding: TMA reads past the array as
 zeros (those keys are masked by ``kv_len``) and clips stores past it.
 
 With ``ping_pong`` the consumers also take turns on the tensor cores
@@ -75,6 +78,7 @@ class ForwardParams:
   ping_pong: bool = False   # consumers take turns on the tensor cores
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
   seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
+  segments: bool = False    # segment ids: walks block-map lists
 
   @property
   def groups(self) -> int:
@@ -124,24 +128,33 @@ def _row_vector_of(tile_condition):
   return jnp.max(jnp.where(tile_condition, 1.0, 0.0), axis=1) > 0.5
 
 
-def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
-                    lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready,
-                    k_ready, v_ready, k_free, v_free, schedule, *,
+def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
                     p: ForwardParams):
+  segment_refs, refs = common.SegmentRefs.split(p, refs)
+  (out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready, k_ready,
+   v_ready, k_free, v_free, schedule, *ids_scratch) = refs
   batch = lax.axis_index("batch")
   head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   block_kv, stages = p.block_kv, p.stages
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
-  cta_start = p.q_tile_of(lax.axis_index("q")) * p.rows_per_cta
-  lo, steps = common.shared_range(p.mask.kv_block_range(
-      cta_start, cta_start + p.rows_per_cta, q_len, kv_len, block_kv))
+  q_tile = p.q_tile_of(lax.axis_index("q"))
+  cta_start = q_tile * p.rows_per_cta
+  if p.segments:
+    walk = common.list_walk(segment_refs, batch, q_tile)
+    kv_ids_ring, kv_ids_ready = ids_scratch
+  else:
+    walk = common.range_walk(p.mask.kv_block_range(
+        cta_start, cta_start + p.rows_per_cta, q_len, kv_len, block_kv))
+  steps = walk.steps
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    common.stream_kv(p, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready,
-                     k_free, v_free, batch=batch, head=head, lo=lo,
-                     steps=steps, block_kv=block_kv)
+    common.stream_kv(
+        p, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+        batch=batch, head=head, walk=walk, block_kv=block_kv,
+        kv_ids=((segment_refs.kv_ids, kv_ids_ring, kv_ids_ready)
+                if p.segments else None))
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -154,8 +167,12 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
 
     own = p.mask.kv_block_range(q_start, q_start + BLOCK_Q, q_len, kv_len,
                                 block_kv)
-    first_full, end_full = common.own_phase_steps(own, lo, steps)
+    first_full, end_full = common.phase_steps(walk, own)
     tile = (BLOCK_Q, block_kv)
+    if p.segments:
+      q_ids = common.load_ids(
+          segment_refs.q_ids.at[batch, pl.ds(q_start, BLOCK_Q)],
+          common.ROW_IDS, from_global=True)
 
     def hand_over():
       """Both consumers meet here: the tensor cores change hands."""
@@ -176,9 +193,17 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
       plgpu.barrier_arrive(k_free.at[slot])
       # With folds_scale, logits stay raw scores until the exponent.
       logits = s if p.folds_scale else _scaled_logits(s, p)
+      if p.segments:
+        # Every step waits (barriers track their phase per wait).
+        plgpu.barrier_wait(kv_ids_ready.at[slot])
       if masked:
-        allowed = common.tile_allowed(p, tile, q_start, (lo + t) * block_kv,
-                                      kv_len)
+        segment_ids = None
+        if p.segments:
+          segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
+                                                common.COLUMN_IDS))
+        allowed = common.tile_allowed(p, tile, q_start,
+                                      walk.block_of(t) * block_kv, kv_len,
+                                      segment_ids=segment_ids)
         logits = jnp.where(allowed, logits, -jnp.inf)
       row_max = jnp.max(logits, axis=1)
       if p.folds_scale:
@@ -238,11 +263,14 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
-def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
+def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
+            segments=()):
   """Returns ``out [B,T,N,H]`` and ``lse [B,N,T]`` (float32, natural log).
 
   ``query``/``key``/``value`` have a head dim that is a multiple of 64;
-  ``q_lengths``/``kv_lengths`` are int32 ``[B]``.
+  ``q_lengths``/``kv_lengths`` are int32 ``[B]``. With ``p.segments``,
+  ``segments`` is `common.segment_operands` of the padded ids and the key
+  lists of ``(rows_per_cta, block_kv)`` blocks.
   """
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   smem = lambda *shape: plgpu.SMEM(shape, p.dtype, transforms=transforms)
@@ -258,6 +286,9 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
       plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
   ]
+  if p.segments:
+    scratch += [plgpu.SMEM((p.stages, p.block_kv), jnp.int32),  # key ids
+                plgpu.Barrier(num_barriers=p.stages)]          # ids landed
   out_type = [
       jax.ShapeDtypeStruct((p.batch, p.q_seq, p.num_heads, p.head_dim),
                            p.dtype),
@@ -267,7 +298,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths):
                             p.num_q_tiles * p.rows_per_cta),
                            jnp.float32),
   ]
-  operands = (q_lengths, kv_lengths, query, key, value)
+  operands = (q_lengths, kv_lengths, query, key, value, *segments)
   out, lse = plgpu.kernel(
       functools.partial(_forward_kernel, p=p),
       out_type=varying_like(out_type, *operands),
