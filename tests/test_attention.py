@@ -17,7 +17,7 @@ class TestPallasTriton(AttentionTestBase):
     import jax
     import numpy as np
     from flash_jax.backends.pallas_triton import common
-    from helpers import Case, draw_inputs, packed_segment_ids, vjp_triple
+    from helpers import Case, draw_inputs, vjp_triple
     q, k, v, do = draw_inputs(rng, Case(2, 97, 113, 4, 2, 64, 64, True,
                                         "bfloat16"))
     run = lambda: jax.tree.leaves(jax.jit(lambda *a: vjp_triple(
