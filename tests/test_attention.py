@@ -74,19 +74,24 @@ class TestPallasMosaicGpu(AttentionTestBase):
                                  options=dict(deterministic=False),
                                  **semantics)
 
-  @pytest.mark.parametrize("head_dim, deterministic", [
-      (128, False), (64, False), (64, True), (256, True)])
+  @pytest.mark.parametrize("head_dim, deterministic, extra", [
+      (128, False, {}), (64, False, {}), (64, True, {}), (256, True, {}),
+      (128, True, dict(local_window_size=(150, 0), logits_soft_cap=30.0)),
+      (64, False, dict(causal_alignment="bottom_right",
+                       logits_soft_cap=20.0))],
+      ids=lambda x: ("-".join(x) or "plain") if isinstance(x, dict) else str(x))
   def test_segment_ids_run_the_mosaic_kernels(self, rng, head_dim,
-                                              deterministic):
-    """Segment ids with causal, GQA and unaligned T and S take the Hopper
-    kernels (the lowered program holds no Triton forward) and match the
-    reference, with either backward (above head dim 128 it is Triton's)."""
+                                              deterministic, extra):
+    """Segment ids with causal, GQA and unaligned T and S (and a window,
+    bottom-right alignment, soft-cap) take the Hopper kernels (the lowered
+    program holds no Triton forward) and match the reference, with either
+    backward (above head dim 128 it is Triton's)."""
     import jax
     case = Case(2, 300, 410, 4, 2, head_dim, head_dim, True, "bfloat16")
     q, k, v, do = draw_inputs(rng, case)
     q_ids, kv_ids = packed_segment_ids(rng, 300, 410)
     semantics = dict(is_causal=True, query_segment_ids=q_ids,
-                     kv_segment_ids=kv_ids)
+                     kv_segment_ids=kv_ids, **extra)
     text = jax.jit(lambda q, k, v: self.attend(q, k, v, **semantics)).lower(
         q, k, v).as_text()
     assert "mosaic_gpu" in text and "xla.gpu.triton" not in text

@@ -142,8 +142,9 @@ def _pad(x, seq: int, head_dim: int):
 
 
 def _padded_ids(ids, seq: int):
-  """Segment ids padded to ``seq`` by repeating the last one (padding lies
-  past the lengths, which mask it; repeating keeps full blocks full)."""
+  """Segment ids padded to ``seq`` by repeating the last one (padded keys
+  lie past ``kv_len``, which masks them, and padded query rows are sliced
+  off; repeating keeps full blocks full)."""
   return jnp.pad(ids.astype(jnp.int32), [(0, 0), (0, seq - ids.shape[1])],
                  mode="edge")
 
@@ -153,8 +154,10 @@ def segment_lists(config: AttentionConfig, p, arrays, q_lengths, kv_lengths,
   """The padded segment ids and a block map's states at each ``(block_q,
   block_kv)`` of ``tiles``, for the padded sequences of ``p``.
 
-  The map sees the true lengths (``q_lengths``/``kv_lengths``), so blocks
-  reaching into padding are never full."""
+  The map sees the true lengths (``q_lengths``/``kv_lengths``), so no
+  block holding keys at or past ``kv_len`` is full. (Query rows past
+  ``q_len`` may lie in a full block: the forward zeroes them and gives
+  them lse -inf, so the backward's P is 0 there.)"""
   q_ids = _padded_ids(arrays.q_segment_ids, p.q_seq)
   kv_ids = _padded_ids(arrays.kv_segment_ids, p.kv_seq)
   states = block_map.block_states_for_tiles(
@@ -224,13 +227,15 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   kv_lengths = _lengths(arrays.kv_lengths, batch, kv_seq)
   dkv_segments = dq_segments = ()
   if p.segments:
-    block, cta = _backward.BLOCK, p.rows_per_cta
-    q_ids, kv_ids, (dkv_states, dq_states) = segment_lists(
-        config, p, arrays, q_lengths, kv_lengths, [(block, cta), (cta, block)])
-    dkv_segments = _common.segment_operands(q_ids, kv_ids,
-                                            block_map.q_lists(dkv_states))
-    dq_segments = _common.segment_operands(q_ids, kv_ids,
-                                           block_map.kv_lists(dq_states))
+    tiles = _backward.list_tiles(p)
+    q_ids, kv_ids, states = segment_lists(config, p, arrays, q_lengths,
+                                          kv_lengths, list(tiles.values()))
+    states = dict(zip(tiles, states))
+    dkv_segments = _common.segment_operands(
+        q_ids, kv_ids, block_map.q_lists(states["dkv"]))
+    if "dq" in states:
+      dq_segments = _common.segment_operands(
+          q_ids, kv_ids, block_map.kv_lists(states["dq"]))
   dq, dk, dv = _backward.backward(
       p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
       _pad(value, kv_pad, p.head_dim), _pad(dout, q_pad, p.head_dim), lse,

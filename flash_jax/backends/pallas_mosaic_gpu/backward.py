@@ -34,8 +34,8 @@ in `_dkv_grid`.
 With segment ids (``ForwardParams.segments``) each kernel walks its row of
 a block map's lists (`flash_jax.block_map`), as the forward does: the dK/dV
 kernel the query blocks of its 128 keys, the dQ kernel the key blocks of its
-128 queries; the producer streams the walked blocks' segment ids next to
-them.
+128 queries (tiles in `list_tiles`); the producer streams the walked
+blocks' segment ids next to them.
 
 Rows that attend nothing carry lse = -inf; it is read as +inf so that their
 P is exactly 0.
@@ -99,6 +99,17 @@ def _dkv_grid(p: ForwardParams) -> dict:
   return common.sequence_major_grid(p, kv_ctas, "kv", p.num_kv_heads)
 
 
+def list_tiles(p: ForwardParams) -> dict:
+  """The ``(block_q, block_kv)`` tiles of the block maps the kernels walk
+  with segment ids: the dK/dV kernel's query blocks per CTA of keys, and
+  the dQ kernel's key blocks per CTA of queries (none with ``fused_dq``)."""
+  cta = CONSUMERS * BLOCK
+  tiles = {"dkv": (BLOCK, cta)}
+  if not p.fused_dq:
+    tiles["dq"] = (cta, BLOCK)
+  return tiles
+
+
 def _lse_log2(lse):
   return jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2_E
 
@@ -153,13 +164,13 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                               q_ready.at[slot])
       plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows],
                               lse_ring.at[slot], lse_ready.at[slot])
+      if p.segments:   # needed with P, before dO and D
+        plgpu.copy_gmem_to_smem(segment_refs.q_ids.at[batch, rows],
+                                q_ids_ring.at[slot], q_ids_ready.at[slot])
       plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_ring.at[slot],
                               do_ready.at[slot])
       plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
                               delta_ring.at[slot], delta_ready.at[slot])
-      if p.segments:
-        plgpu.copy_gmem_to_smem(segment_refs.q_ids.at[batch, rows],
-                                q_ids_ring.at[slot], q_ids_ready.at[slot])
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -173,9 +184,9 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     plgpu.barrier_wait(kv_ready.at[wg])
     plgpu.barrier_wait(kv_ready.at[CONSUMERS + wg])
 
-    own = p.mask.q_block_range(kv_start, kv_start + BLOCK, q_len, kv_len,
-                               BLOCK)
-    first_full, end_full = common.phase_steps(walk, own)
+    first_full, end_full = common.phase_steps(
+        walk, lambda: p.mask.q_block_range(kv_start, kv_start + BLOCK, q_len,
+                                           kv_len, BLOCK))
     tile = (BLOCK, BLOCK)          # [keys, queries]
     column = plgpu.Layout.WGMMA.reduce(0)
     if p.segments:
@@ -383,9 +394,9 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     lse = _lse_log2(plgpu.load(lse_smem.at[wg], layout=row))
     delta = plgpu.load(delta_smem.at[wg], layout=row)
 
-    own = p.mask.kv_block_range(q_start, q_start + BLOCK, q_len, kv_len,
-                                block_kv)
-    first_full, end_full = common.phase_steps(walk, own)
+    first_full, end_full = common.phase_steps(
+        walk, lambda: p.mask.kv_block_range(q_start, q_start + BLOCK, q_len,
+                                            kv_len, block_kv))
     tile = (BLOCK, block_kv)
     if p.segments:
       q_ids = common.load_ids(segment_refs.q_ids.at[batch, rows],
@@ -444,8 +455,8 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
 
   With ``p.segments``, ``dkv_segments`` and ``dq_segments`` are
   `common.segment_operands` of the padded ids and, respectively, the query
-  lists of ``(BLOCK, 128)`` blocks and the key lists of ``(128, BLOCK)``
-  blocks.
+  lists and the key lists of the `list_tiles` maps (``dq_segments`` is
+  unused with ``p.fused_dq``).
 
   Sequence lengths are multiples of 8 and head dims of 64 (callers pad);
   ``lse``/``delta`` are float32 ``[B, N, T]``. Tiles hanging past T or S

@@ -50,9 +50,10 @@ class Walk:
   """The blocks a CTA visits, which its producer and both consumers walk:
   ``steps`` of them, step ``t`` visiting block ``block_of(t)``.
 
-  A range walk (``lists`` None) visits ``lo .. lo + steps``. A list walk
-  reads a `flash_jax.block_map.BlockLists` row: its ``num_partial``
-  partial blocks first, then its full ones.
+  A range walk (`range_walk`, ``lo`` set) visits ``lo .. lo + steps``. A
+  list walk (`list_walk`, ``num_partial`` set) reads a
+  `flash_jax.block_map.BlockLists` row: its ``num_partial`` partial blocks
+  first, then its full ones.
   """
 
   steps: Any
@@ -73,6 +74,8 @@ def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
   memory, ``[Bm, 1, R, C]`` and ``[Bm, 1, R, 2]``), read with scalar
   loads."""
   blocks, counts = segment_refs.blocks, segment_refs.counts
+  # Segment ids vary by batch row only (a per-head map would need the head).
+  assert blocks.shape[1] == 1, blocks.shape
   b = batch if blocks.shape[0] > 1 else 0
   num_partial = counts[b, 0, row_block, 0]
   return Walk(steps=num_partial + counts[b, 0, row_block, 1],
@@ -80,21 +83,23 @@ def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
               num_partial=num_partial)
 
 
-def phase_steps(walk: Walk, own=None):
+def phase_steps(walk: Walk, own_range=None):
   """``(first_full, end_full)``: the unmasked steps of one consumer.
 
   A list walk's full blocks are full for every row of the CTA, so both
   consumers take its classification; a range walk splits by the
-  consumer's own rows (``own``, their `BlockRange`)."""
+  consumer's own rows (``own_range()``, their `BlockRange`)."""
   if walk.num_partial is not None:
     return walk.num_partial, walk.steps
-  return own_phase_steps(own, walk.lo, walk.steps)
+  return own_phase_steps(own_range(), walk.lo, walk.steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class SegmentRefs:
-  """A kernel's segment-id inputs (global memory): the padded ids, int32
-  ``[B, T]`` and ``[B, S]``, and the block map's lists of its walk."""
+  """A kernel's segment-id inputs (global memory): the ids, int32 ``[B,
+  T']`` and ``[B, S']`` with T' and S' padded to whole CTAs of 128 rows
+  (the kernels read a CTA's own ids without TMA's clipping), and the block
+  map's lists of its walk."""
 
   q_ids: Any
   kv_ids: Any
@@ -183,8 +188,8 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
   V separately so K can land while V is still read.
 
   ``kv_ids``, with segment ids, is ``(ids_ref, ids_ring, ids_ready)``: the
-  blocks' key segment ids ride with V (consumers read them before they
-  release V)."""
+  blocks' key segment ids ride with K, in the slot that K's "free" barrier
+  guards, so consumers must read them before they release K."""
   plgpu.set_max_registers(40, action="decrease")
   kv_head = lax.div(head, jnp.int32(p.groups))
 
@@ -200,7 +205,8 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
         plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(src.at[batch, rows, kv_head], ring.at[slot],
                               ready.at[slot])
-    if kv_ids is not None:
-      ids_ref, ids_ring, ids_ready = kv_ids
-      plgpu.copy_gmem_to_smem(ids_ref.at[batch, pl.ds(start, block_kv)],
-                              ids_ring.at[slot], ids_ready.at[slot])
+      if kv_ids is not None and src is k_ref:
+        # Behind K's "free" wait: the slot's old ids have been read.
+        ids_ref, ids_ring, ids_ready = kv_ids
+        plgpu.copy_gmem_to_smem(ids_ref.at[batch, pl.ds(start, block_kv)],
+                                ids_ring.at[slot], ids_ready.at[slot])

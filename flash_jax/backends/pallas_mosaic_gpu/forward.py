@@ -24,7 +24,7 @@ into masked and unmasked phases, so only blocks on a mask boundary pay for
 the element-wise mask. With segment ids (``segments``) the CTA walks its
 row of a block map's lists instead (`flash_jax.block_map`: partial blocks,
 then full ones, empty blocks never), and the producer streams each block's
-key segment ids with its V. Tails need no padding: TMA reads past the array as
+key segment ids with its K. Tails need no padding: TMA reads past the array as
 zeros (those keys are masked by ``kv_len``) and clips stores past it.
 
 With ``ping_pong`` the consumers also take turns on the tensor cores
@@ -165,9 +165,9 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
                             q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
 
-    own = p.mask.kv_block_range(q_start, q_start + BLOCK_Q, q_len, kv_len,
-                                block_kv)
-    first_full, end_full = common.phase_steps(walk, own)
+    first_full, end_full = common.phase_steps(
+        walk, lambda: p.mask.kv_block_range(q_start, q_start + BLOCK_Q,
+                                            q_len, kv_len, block_kv))
     tile = (BLOCK_Q, block_kv)
     if p.segments:
       q_ids = common.load_ids(
@@ -183,6 +183,9 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
       acc, m_prev, l_prev = carry
       slot = lax.rem(t, jnp.int32(stages))
       plgpu.barrier_wait(k_ready.at[slot])
+      if p.segments:
+        # Every step waits (barriers track their phase per wait).
+        plgpu.barrier_wait(kv_ids_ready.at[slot])
 
       def qk(acc_ref):
         plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
@@ -190,17 +193,14 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
           hand_over()   # issued; the other consumer's softmax may start
         return acc_ref[...]
       s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+      segment_ids = None
+      if p.segments and masked:   # read before K's slot is released
+        segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
+                                              common.COLUMN_IDS))
       plgpu.barrier_arrive(k_free.at[slot])
       # With folds_scale, logits stay raw scores until the exponent.
       logits = s if p.folds_scale else _scaled_logits(s, p)
-      if p.segments:
-        # Every step waits (barriers track their phase per wait).
-        plgpu.barrier_wait(kv_ids_ready.at[slot])
       if masked:
-        segment_ids = None
-        if p.segments:
-          segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
-                                                common.COLUMN_IDS))
         allowed = common.tile_allowed(p, tile, q_start,
                                       walk.block_of(t) * block_kv, kv_len,
                                       segment_ids=segment_ids)
