@@ -2,12 +2,10 @@
 
 Status: the default implementation on sm90 (first in
 ``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
-GPU test class passed on an H100 (last on 2026-11-27, with the reordered
-deterministic backward, in two shards; see
-``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). Since then the
-kernels' launch order changed (one head's sequence tiles together,
-`common.sequence_major_grid`); on that order 53 of its forward/gradient
-tests have passed on an H100 so far, none failed. For head dims
+GPU test class passed on an H100 (2026-11-27, on the sequence-major launch
+order and with segment ids: 380 passed; the segment-id tests again after a
+later change to that path: 12 passed; see
+``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
 above 128 the backward runs the Triton backend's kernels on the same
 residuals (out, lse), which the shared residual contract allows.
 
