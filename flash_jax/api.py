@@ -226,9 +226,9 @@ def canonicalize(query, key, value, *, bias=None, mask=None, scale=None,
     raise ValueError(f"key and value must agree in S and K: {shapes}")
   if kv_head_dim != head_dim:
     raise ValueError(f"query and key head dims differ: {shapes}")
-  if min(q_seq, kv_seq, num_heads, num_kv_heads) < 1:
-    raise ValueError(f"sequence lengths and head counts must be >= 1: "
-                     f"{shapes}")
+  # Empty sequences are valid (as in jax.nn): see `_no_pairs`.
+  if min(num_heads, num_kv_heads) < 1:
+    raise ValueError(f"head counts must be >= 1: {shapes}")
   if num_heads % num_kv_heads:
     raise ValueError(
         f"query heads N={num_heads} must be a multiple of key/value heads "
@@ -379,6 +379,17 @@ def _run_cudnn(call: CanonicalCall, return_residual: bool):
   return call.finish(result, None, False)
 
 
+def _no_pairs(call: CanonicalCall):
+  """``(out, lse)`` of a call with T = 0 or S = 0, where no (query, key)
+  pair exists: an empty output, or zeros with lse -inf (every row attends
+  nothing, as with a fully masked row; `jax.nn` gives zeros too). No kernel
+  runs, and the gradients are zero."""
+  batch, q_seq, num_heads, _ = call.query.shape
+  out = jnp.zeros((batch, q_seq, num_heads, call.value.shape[-1]),
+                  call.query.dtype)
+  return out, jnp.full((batch, num_heads, q_seq), -jnp.inf, jnp.float32)
+
+
 def dot_product_attention(
     query, key, value, bias=None, mask=None, *, scale: float | None = None,
     is_causal: bool = False, query_seq_lengths=None,
@@ -404,6 +415,8 @@ def dot_product_attention(
   Args:
     query: ``[B, T, N, H]`` (or ``[T, N, H]``).
     key: ``[B, S, K, H]`` (or ``[S, K, H]``); ``N % K == 0`` (GQA/MQA).
+      ``T = 0`` or ``S = 0`` give an empty output or zeros (no key to
+      attend; lse -inf), as in ``jax.nn``.
     value: ``[B, S, K, Hv]``; ``Hv`` may differ from ``H``. The Pallas
       kernels take head dims up to 256; larger ones run on the XLA path.
     bias: additive bias broadcastable to ``[B, N, T, S]``; differentiable.
@@ -510,6 +523,8 @@ def dot_product_attention(
   deterministic = _check_bool(deterministic, "deterministic")
   if interpret is None:
     interpret = explicit and platform.default_interpret()
+  if call.query.shape[1] == 0 or call.key.shape[1] == 0:
+    return call.finish(*_no_pairs(call), return_residual)
 
   reasons = []
   for name in names:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import flash_jax
-from flash_jax import api
+from flash_jax import api, reference
 from helpers import Case, draw_inputs
 
 B, T, S, N, K, H = 2, 17, 23, 4, 2, 40
@@ -33,13 +33,44 @@ def qkv(rng):
     (lambda q, k, v: (q, k.astype(jnp.bfloat16), v), "share one dtype"),
     (lambda q, k, v: tuple(x.astype(jnp.int32) for x in (q, k, v)),
      "float32, float16 or bfloat16"),
-    (lambda q, k, v: (q[:, :0], k, v), ">= 1"),
+    (lambda q, k, v: (q[:, :, :0], k[:, :, :0], v[:, :, :0]),
+     "head counts must be >= 1"),
     (lambda q, k, v: (q[..., :0], k[..., :0], v), "head dim must be >= 1"),
     (lambda q, k, v: (q, k, v[..., :0]), "value head dim must be >= 1"),
 ])
 def test_bad_shapes_and_dtypes_raise_value_error(qkv, mutate, message):
   with pytest.raises(ValueError, match=message):
     flash_jax.dot_product_attention(*mutate(*qkv))
+
+
+@pytest.mark.parametrize("q_seq, kv_seq", [(0, S), (T, 0), (0, 0)])
+@pytest.mark.parametrize("implementation", [None, "pallas_triton", "xla"])
+def test_empty_sequences_match_jax_nn(rng, q_seq, kv_seq, implementation):
+  """T = 0 gives an empty output and S = 0 zeros (no key to attend), as in
+  jax.nn, with lse -inf, zero gradients and no kernel; the reference
+  agrees."""
+  q, k, v, do = draw_inputs(rng, Case(B, q_seq, kv_seq, N, K, H, H, True,
+                                      "float32"))
+  kwargs = dict(is_causal=True,
+                query_seq_lengths=jnp.full((B,), q_seq, jnp.int32))
+  out, lse = flash_jax.dot_product_attention(
+      q, k, v, return_residual=True, implementation=implementation, **kwargs)
+  assert out.shape == (B, q_seq, N, H) and lse.shape == (B, q_seq, N)
+  jaxpr = jax.make_jaxpr(lambda q, k, v: flash_jax.dot_product_attention(
+      q, k, v, implementation=implementation, **kwargs))(q, k, v)
+  assert "pallas_call" not in str(jaxpr)
+  np.testing.assert_array_equal(
+      out, jax.nn.dot_product_attention(q, k, v, **kwargs))
+  assert lse.dtype == jnp.float32 and bool(jnp.all(lse == -jnp.inf))
+  ref_out, ref_lse = reference.dot_product_attention(
+      q, k, v, return_residual=True, **kwargs)
+  np.testing.assert_array_equal(out, ref_out)
+  np.testing.assert_array_equal(lse, ref_lse)
+  grads = jax.grad(lambda q, k, v: jnp.sum(flash_jax.dot_product_attention(
+      q, k, v, implementation=implementation, **kwargs) * do),
+      argnums=(0, 1, 2))(q, k, v)
+  for g, x in zip(grads, (q, k, v)):
+    assert g.shape == x.shape and not bool(jnp.any(g))
 
 
 @pytest.mark.parametrize("kwargs, message", [
