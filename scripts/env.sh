@@ -26,7 +26,7 @@ find_python() {
   return 1
 }
 
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import flash_jax, jax, pytest, xdist, optax, matplotlib' >/dev/null 2>&1; then
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import flash_jax, jax, pytest, xdist, optax, chex, matplotlib' >/dev/null 2>&1; then
   python="$(find_python)"
   echo "flash_jax: creating $venv with $python ($("$python" --version))" >&2
   "$python" -m venv "$venv"

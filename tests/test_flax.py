@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,10 +67,12 @@ def _assert_outputs_and_grads(results, rows, name):
   take = lambda x: np.asarray(jnp.asarray(x, jnp.float32))[rows]  # noqa: E731
   assert_flash_close(take(out), np.asarray(oracle_out)[rows],
                      take(plain_out), factor=2, name=f"{name} out")
+  chex.assert_trees_all_equal_structs(grads, plain_grads, oracle_grads)
+  chex.assert_trees_all_equal_shapes(grads, plain_grads, oracle_grads)
   flat, _ = jax.tree_util.tree_flatten_with_path(grads)
   flat_plain = jax.tree.leaves(plain_grads)
   flat_oracle = jax.tree.leaves(oracle_grads)
-  assert len(flat) == len(flat_plain) == len(flat_oracle) >= 4
+  assert len(flat) >= 4
   for (path, g), g_plain, g_oracle in zip(flat, flat_plain, flat_oracle):
     if "'key']['bias']" in jax.tree_util.keystr(path):
       # q.(k_j + b) shifts every logit of a row by q.b: softmax ignores it,
