@@ -322,14 +322,17 @@ def test_mosaic_gpu_segment_kernels_lower_for_h100(head_dim, spec,
     assert kernels == ((3, 0) if deterministic else (2, 0))
 
 
-@pytest.mark.parametrize("implementation, head_dim", [
-    ("pallas_mosaic_gpu", 128), ("pallas_mosaic_gpu", 64),
-    ("pallas_triton", 128)])
+@pytest.mark.parametrize("implementation, head_dim, segments", [
+    ("pallas_mosaic_gpu", 128, False), ("pallas_mosaic_gpu", 64, False),
+    ("pallas_mosaic_gpu", 128, True), ("pallas_triton", 128, False),
+    ("pallas_triton", 128, True)])
 def test_gradients_lower_inside_shard_map_with_vma(monkeypatch,
-                                                   implementation, head_dim):
+                                                   implementation, head_dim,
+                                                   segments):
   """Inside ``jax.shard_map`` (check_vma) on two abstract H100s, the
   forward and backward of each GPU backend keep their operands' varying
-  axes, so ``jax.grad`` of a sharded loss traces and lowers. (Mosaic GPU
+  axes, so ``jax.grad`` of a sharded loss traces and lowers, also with
+  segment ids (whose block-map lists are built per shard). (Mosaic GPU
   kernels do not carry the mark Pallas' Triton outputs get from
   `varying_like`; the sharding layer restores it.)"""
   from jax.sharding import PartitionSpec as P
@@ -340,15 +343,19 @@ def test_gradients_lower_inside_shard_map_with_vma(monkeypatch,
   q, k, v = (jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_split)
              for s in _structs(4, 256, 256, 2, 2, head_dim, head_dim,
                                jnp.bfloat16))
+  ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=batch_split)
 
-  def loss(q, k, v):
+  def loss(q, k, v, ids):
     out = flash_jax.dot_product_attention(
         q, k, v, is_causal=True, implementation=implementation,
-        interpret=False)
+        interpret=False, query_segment_ids=ids if segments else None,
+        kv_segment_ids=ids if segments else None)
     return jnp.sum(out.astype(jnp.float32))
 
   sharded = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
                           in_specs=P("x"), out_specs=P("x"))
-  text = lower_for_h100(sharded, q, k, v, mesh=mesh)
+  text = lower_for_h100(sharded, q, k, v, ids, mesh=mesh)
   marker = MOSAIC_CALL if implementation == "pallas_mosaic_gpu" else TRITON_CALL
   assert marker in text
+  if implementation == "pallas_mosaic_gpu":   # taken, not passed on
+    assert TRITON_CALL not in text

@@ -77,7 +77,11 @@ def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
   # Segment ids vary by batch row only (a per-head map would need the head).
   assert blocks.shape[1] == 1, blocks.shape
   b = batch if blocks.shape[0] > 1 else 0
-  num_partial = counts[b, 0, row_block, 0]
+  # Under shard_map a value loaded from a ref carries the operand's varying
+  # mesh axes, but arithmetic inside the kernel drops them, and a loop
+  # bound must have its counter's type: the count goes through a (no-op)
+  # clamp before it bounds a loop.
+  num_partial = jnp.maximum(counts[b, 0, row_block, 0], 0)
   return Walk(steps=num_partial + counts[b, 0, row_block, 1],
               block_of=lambda t: blocks[b, 0, row_block, t],
               num_partial=num_partial)
