@@ -19,6 +19,10 @@
 #   FLASH_JAX_TRAIN        if set, runs examples/train_lm.py --compare-xla,
 #                          then with --remat, adding these arguments (use
 #                          "--steps 200" or similar; "1" adds none)
+#   FLASH_JAX_BENCH_IMPLEMENTATIONS
+#                          if set, benchmarks/run.py's --implementations
+#                          for every set (comma-separated, e.g.
+#                          "flash_jax_mosaic,flash_jax,cudnn")
 #   FLASH_JAX_DEADLINE     if set, seconds after this script's start by
 #                          which benchmarks stop: no set starts and a
 #                          running one is interrupted (rows already
@@ -97,8 +101,11 @@ for spec in "${sets[@]}"; do
     fi
     limit=(timeout -s INT -k 15 "$left")
   fi
+  implementations=()
+  [[ -n "${FLASH_JAX_BENCH_IMPLEMENTATIONS:-}" ]] && \
+    implementations=(--implementations "$FLASH_JAX_BENCH_IMPLEMENTATIONS")
   "${limit[@]}" "$python" benchmarks/run.py "$set_name" --rows "$rows" --out "$run" \
-    2>&1 | tee "$run/bench_${set_name}_${rows/:/-}.log"
+    "${implementations[@]}" 2>&1 | tee "$run/bench_${set_name}_${rows/:/-}.log"
   rc=${PIPESTATUS[0]}
   [[ $rc -ne 0 ]] && bench_rc=$rc
 done
