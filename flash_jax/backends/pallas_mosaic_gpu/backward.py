@@ -358,13 +358,11 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   # The forward's query tiles, in its order (the last first).
   q_tile = p.q_tile_of(lax.axis_index("q"))
   cta_start = q_tile * p.rows_per_cta
-  if p.segments:
-    walk = common.list_walk(segment_refs, batch, q_tile)
-    kv_ids_ring, kv_ids_ready = ids_scratch
-  else:
-    walk = common.range_walk(p.mask.kv_block_range(
-        cta_start, cta_start + CONSUMERS * BLOCK, q_len, kv_len, block_kv))
+  walk = common.query_major_walk(p, segment_refs, batch, q_tile, q_len,
+                                 kv_len, block_kv)
   steps = walk.steps
+  if p.segments:
+    kv_ids_ring, kv_ids_ready = ids_scratch
 
   @pl.when(wg == PRODUCER)
   def _producer():

@@ -87,6 +87,18 @@ def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
               num_partial=num_partial)
 
 
+def query_major_walk(p, segment_refs, batch, q_tile, q_len, kv_len,
+                     block_kv: int) -> Walk:
+  """The key blocks of query tile ``q_tile`` (``p.rows_per_cta`` rows) in a
+  query-major kernel (forward, dQ): its row of the key lists with segment
+  ids, else the range its rows can attend."""
+  if p.segments:
+    return list_walk(segment_refs, batch, q_tile)
+  start = q_tile * p.rows_per_cta
+  return range_walk(p.mask.kv_block_range(start, start + p.rows_per_cta,
+                                          q_len, kv_len, block_kv))
+
+
 def phase_steps(walk: Walk, own_range=None):
   """``(first_full, end_full)``: the unmasked steps of one consumer.
 

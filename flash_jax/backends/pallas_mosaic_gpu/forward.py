@@ -140,13 +140,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
   q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
   q_tile = p.q_tile_of(lax.axis_index("q"))
   cta_start = q_tile * p.rows_per_cta
-  if p.segments:
-    walk = common.list_walk(segment_refs, batch, q_tile)
-    kv_ids_ring, kv_ids_ready = ids_scratch
-  else:
-    walk = common.range_walk(p.mask.kv_block_range(
-        cta_start, cta_start + p.rows_per_cta, q_len, kv_len, block_kv))
+  walk = common.query_major_walk(p, segment_refs, batch, q_tile, q_len,
+                                 kv_len, block_kv)
   steps = walk.steps
+  if p.segments:
+    kv_ids_ring, kv_ids_ready = ids_scratch
 
   @pl.when(wg == PRODUCER)
   def _producer():
