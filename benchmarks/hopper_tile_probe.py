@@ -63,18 +63,15 @@ def use_tile(fields: dict | None) -> None:
   jax.clear_caches()
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__)
-  parser.add_argument("--cases", default="4096/64,4096c/64")
-  parser.add_argument("--tiles", default="128x3,192x2,192x3,256x2,128x3xN")
-  args = parser.parse_args()
+def tiles(cases: str, tile_specs: str):
+  """Times the forward at each tile of ``tile_specs`` against cuDNN."""
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
   print("case      tile          fwd ms  cudnn/this", flush=True)
-  for case in args.cases.split(","):
+  for case in cases.split(","):
     row = _row(case)
     (cudnn,) = harness.measure(row, ["cudnn"], modes=("fwd",), trials=5)
     print(f"{case:9s} cudnn     {cudnn['seconds'] * 1e3:8.3f}", flush=True)
-    for spec in args.tiles.split(","):
+    for spec in tile_specs.split(","):
       use_tile(parse_tile(spec))
       try:
         (entry,) = harness.measure(row, ["flash_jax_mosaic"], modes=("fwd",),
@@ -104,6 +101,8 @@ def use_grid_order(seq_fastest: bool | None) -> None:
 
 
 def grid_orders(cases: str):
+  """Times forward and forward+backward in both grid orders against
+  cuDNN."""
   print(f"{jax.devices()[0].device_kind}, JAX {jax.__version__}", flush=True)
   print("case      pass     grid order          ms  cudnn/this", flush=True)
   for case in cases.split(","):
@@ -127,6 +126,7 @@ def grid_orders(cases: str):
 
 
 def once(case: str):
+  """Runs the shipped forward of ``case`` three times (for ncu)."""
   row = _row(case)
   inputs = harness.draw(row)
   attend = harness.IMPLEMENTATIONS["flash_jax_mosaic"](row, inputs)
@@ -135,12 +135,23 @@ def once(case: str):
     jax.block_until_ready(fn(inputs.q, inputs.k, inputs.v, inputs.do))
 
 
-if __name__ == "__main__":
-  if "--once" in sys.argv:
-    once(sys.argv[sys.argv.index("--once") + 1])
-  elif "--grid" in sys.argv:
-    cases = (sys.argv[sys.argv.index("--cases") + 1] if "--cases" in sys.argv
-             else "4096/64,4096,4096c,16384")
-    grid_orders(cases)
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--cases", help="default: 4096/64,4096c/64 (tiles), "
+                      "4096/64,4096,4096c,16384 (--grid)")
+  parser.add_argument("--tiles", default="128x3,192x2,192x3,256x2,128x3xN")
+  parser.add_argument("--grid", action="store_true",
+                      help="compare the grid orders instead of tiles")
+  parser.add_argument("--once", metavar="CASE",
+                      help="run one case's shipped forward (for ncu)")
+  args = parser.parse_args()
+  if args.once:
+    once(args.once)
+  elif args.grid:
+    grid_orders(args.cases or "4096/64,4096,4096c,16384")
   else:
-    main()
+    tiles(args.cases or "4096/64,4096c/64", args.tiles)
+
+
+if __name__ == "__main__":
+  main()
