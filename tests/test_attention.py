@@ -76,6 +76,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
 
   @pytest.mark.parametrize("head_dim, deterministic, extra", [
       (128, False, {}), (64, False, {}), (64, True, {}), (256, True, {}),
+      (256, False, dict(local_window_size=(150, 0))),
       (128, True, dict(local_window_size=(150, 0), logits_soft_cap=30.0)),
       (64, False, dict(causal_alignment="bottom_right",
                        logits_soft_cap=20.0))],
@@ -85,7 +86,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
     """Segment ids with causal, GQA and unaligned T and S (and a window,
     bottom-right alignment, soft-cap) take the Hopper kernels (the lowered
     program holds no Triton forward) and match the reference, with either
-    backward (above head dim 128 it is Triton's)."""
+    backward."""
     import jax
     case = Case(2, 300, 410, 4, 2, head_dim, head_dim, True, "bfloat16")
     q, k, v, do = draw_inputs(rng, case)
@@ -97,6 +98,44 @@ class TestPallasMosaicGpu(AttentionTestBase):
     assert "mosaic_gpu" in text and "xla.gpu.triton" not in text
     self.check_against_reference(
         q, k, v, do, options=dict(deterministic=deterministic), **semantics)
+
+  @pytest.mark.parametrize("case, semantics, deterministic", [
+      (Case(2, 1000, 1100, 8, 2, 256, 256, True, "bfloat16"), {}, True),
+      (Case(2, 1000, 1100, 8, 2, 256, 256, False, "bfloat16"), {}, False),
+      (Case(1, 1023, 1024, 2, 1, 256, 256, True, "float16"), {}, True),
+      (Case(2, 300, 410, 4, 4, 200, 200, True, "bfloat16"),
+       dict(local_window_size=(100, 20), logits_soft_cap=30.0,
+            causal_alignment="bottom_right"), True),
+      (Case(3, 200, 300, 4, 2, 256, 256, True, "bfloat16"),
+       dict(query_seq_lengths=(200, 77, 0),
+            key_value_seq_lengths=(300, 150, 5)), True),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else (
+      "-".join(x) or "plain") if isinstance(x, dict) else f"det={x}")
+  def test_head_dim_256_backward_runs_the_mosaic_kernels(
+      self, rng, case, semantics, deterministic):
+    """Head dims 129-256 take `backward_wide`'s two Mosaic GPU kernels
+    (consumers split the gradients' head dim), with either
+    ``deterministic``: the lowered gradient holds no Triton kernel, the
+    gradients match the reference and repeat bitwise."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from helpers import vjp_triple
+    q, k, v, do = draw_inputs(rng, case)
+    semantics = {name: jnp.array(x) if isinstance(x, tuple) and
+                 name.endswith("lengths") else x
+                 for name, x in semantics.items()}
+    options = dict(deterministic=deterministic)
+    grads = jax.jit(lambda *a: vjp_triple(
+        lambda *b: self.attend(*b, is_causal=case.is_causal, **semantics,
+                               **options), *a))
+    text = grads.lower(q, k, v, do).as_text()
+    assert text.count("mosaic_gpu") >= 3 and "xla.gpu.triton" not in text
+    first = jax.tree.leaves(grads(q, k, v, do))
+    for a, b in zip(first, jax.tree.leaves(grads(q, k, v, do))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    self.check_against_reference(q, k, v, do, is_causal=case.is_causal,
+                                 options=options, **semantics)
 
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp

@@ -170,12 +170,11 @@ def test_segment_list_walks_cover_every_attended_pair(seed):
   """With segment ids each Hopper kernel walks its row of a block map's
   lists, built by `segment_lists` at that kernel's tiles on the padded
   sequences: the forward's and dQ's key blocks per 128 queries, dK/dV's
-  query blocks per 128 keys. Read through the kernels' own `list_walk` and
+  query blocks per 128 keys (per 64 queries and 64 keys at head dim 256). Read through the kernels' own `list_walk` and
   `phase_steps`, every attended pair lies in a visited block, and every
   block taken without the element mask is attended by all of its valid
   rows and lies inside the valid keys."""
   from flash_jax import block_map
-  from flash_jax.backends.pallas_mosaic_gpu.backward import list_tiles
   from flash_jax.config import AttentionConfig
   from flash_jax.masks import MaskArrays
   rs = np.random.RandomState(2000 + seed)
@@ -192,15 +191,20 @@ def test_segment_list_walks_cover_every_attended_pair(seed):
   kv_lengths = np.where(rs.rand(batch) < 0.4,
                         rs.randint(0, kv_seq + 1, size=batch), kv_seq)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
+  # Head dim 256 has its own backward kernels (`backward_wide`) and tiles.
+  head_dim = int(rs.choice([128, 256]))
   p = _params(batch=batch, q_seq=q_pad, kv_seq=kv_pad, mask=spec,
-              block_kv=int(rs.choice([64, 128])), segments=True)
+              block_kv=int(rs.choice([64, 128])), segments=True,
+              head_dim=head_dim)
   config = AttentionConfig(mask=spec, scale=0.1, implementation=mosaic.NAME)
   arrays = MaskArrays(q_segment_ids=jnp.asarray(q_ids, jnp.int32),
                       kv_segment_ids=jnp.asarray(kv_ids, jnp.int32))
   rows = p.rows_per_cta
   # The backend's tiles: (query block, key block) of each kernel's map.
-  tiles = {"forward": (rows, p.block_kv), **list_tiles(p)}
-  assert tiles["dq"][0] == rows and tiles["dkv"][1] == rows
+  tiles = {"forward": (rows, p.block_kv),
+           **mosaic.backward_kernels(p).list_tiles(p)}
+  # A CTA of any kernel owns one row of its map: at most `rows` rows.
+  assert tiles["dq"][0] <= rows and tiles["dkv"][1] <= rows
   walks = {  # kernel: (row block, column block, lists from states)
       "forward": (*tiles["forward"], block_map.kv_lists),
       "dkv": (*tiles["dkv"][::-1], block_map.q_lists),

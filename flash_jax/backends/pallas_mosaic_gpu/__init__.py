@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from flash_jax import block_map, platform
 from flash_jax.backends.pallas_mosaic_gpu import backward as _backward
+from flash_jax.backends.pallas_mosaic_gpu import backward_wide as _backward_wide
 from flash_jax.backends.pallas_mosaic_gpu import common as _common
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
 from flash_jax.config import AttentionConfig
@@ -194,27 +195,23 @@ def forward(config: AttentionConfig, query, key, value, bias, arrays):
   return out[:, :q_seq, :, :head_dim], lse[:, :, :q_seq]
 
 
-def _backward_unsupported(config: AttentionConfig, query) -> str | None:
-  if _padded_head_dim(query.shape[-1]) > 128:
-    # dK and dV for 64 keys x 256 dims would not fit one warpgroup's
-    # registers next to the score tiles.
-    return "head dims above 128"
-  return None
+def backward_kernels(p):
+  """The module whose kernels form the backward for params ``p``
+  (`backward`, or `backward_wide` for head dim 256, where the consumers
+  split the gradients' head dim); both have ``backward`` and
+  ``list_tiles``."""
+  return _backward_wide if p.head_dim > 128 else _backward
 
 
 def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
              lse, dout, dlse):
-  """Returns ``(dq, dk, dv, None)``: the Mosaic GPU backward kernels for
-  head dims up to 128, the Triton backend's kernels (same residuals) above."""
-  if _backward_unsupported(config, query):
-    from flash_jax.backends import pallas_triton
-    return pallas_triton.backward(config, query, key, value, bias, arrays,
-                                  out, lse, dout, dlse)
+  """Returns ``(dq, dk, dv, None)`` from the Mosaic GPU backward kernels."""
   batch, q_seq, _, head_dim = query.shape
   kv_seq = key.shape[1]
   p = _params(config, query, key, arrays)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
+  kernels = backward_kernels(p)
   # D = rowsum(dO * O), minus the lse cotangent (FlashAttention-2).
   delta = jnp.einsum("btnh,btnh->bnt", out.astype(jnp.float32),
                      dout.astype(jnp.float32)) - dlse.astype(jnp.float32)
@@ -225,7 +222,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   kv_lengths = _lengths(arrays.kv_lengths, batch, kv_seq)
   dkv_segments = dq_segments = ()
   if p.segments:
-    tiles = _backward.list_tiles(p)
+    tiles = kernels.list_tiles(p)
     q_ids, kv_ids, states = segment_lists(config, p, arrays, q_lengths,
                                           kv_lengths, list(tiles.values()))
     states = dict(zip(tiles, states))
@@ -234,7 +231,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
     if "dq" in states:
       dq_segments = _common.segment_operands(
           q_ids, kv_ids, block_map.kv_lists(states["dq"]))
-  dq, dk, dv = _backward.backward(
+  dq, dk, dv = kernels.backward(
       p, _pad(query, q_pad, p.head_dim), _pad(key, kv_pad, p.head_dim),
       _pad(value, kv_pad, p.head_dim), _pad(dout, q_pad, p.head_dim), lse,
       delta, q_lengths, kv_lengths, dkv_segments, dq_segments)

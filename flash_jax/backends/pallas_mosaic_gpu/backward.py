@@ -149,28 +149,14 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
-
-    @pl.loop(0, steps)
-    def _(t):
-      slot = lax.rem(t, jnp.int32(stages))
-      head, q_block = locate(t)
-      rows = pl.ds(q_block * BLOCK, BLOCK)
-
-      @pl.when(t >= stages)
-      def _():
-        plgpu.barrier_wait(ring_free.at[slot])
-      plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_ring.at[slot],
-                              q_ready.at[slot])
-      plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows],
-                              lse_ring.at[slot], lse_ready.at[slot])
-      if p.segments:   # needed with P, before dO and D
-        plgpu.copy_gmem_to_smem(segment_refs.q_ids.at[batch, rows],
-                                q_ids_ring.at[slot], q_ids_ready.at[slot])
-      plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], do_ring.at[slot],
-                              do_ready.at[slot])
-      plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
-                              delta_ring.at[slot], delta_ready.at[slot])
+    common.stream_query_blocks(
+        p, common.QueryRing(
+            q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
+            lse_ready, delta_ready, ring_free,
+            *((q_ids_ring, q_ids_ready) if p.segments else ())),
+        q_ref, do_ref, lse_ref, delta_ref, batch=batch, steps=steps,
+        locate=locate, block=BLOCK,
+        q_ids_ref=segment_refs.q_ids if p.segments else None)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():

@@ -88,15 +88,16 @@ def list_walk(segment_refs: "SegmentRefs", batch, row_block) -> Walk:
 
 
 def query_major_walk(p, segment_refs, batch, q_tile, q_len, kv_len,
-                     block_kv: int) -> Walk:
-  """The key blocks of query tile ``q_tile`` (``p.rows_per_cta`` rows) in a
-  query-major kernel (forward, dQ): its row of the key lists with segment
-  ids, else the range its rows can attend."""
+                     block_kv: int, rows: int | None = None) -> Walk:
+  """The key blocks of query tile ``q_tile`` (``rows`` rows, by default
+  ``p.rows_per_cta``) in a query-major kernel (forward, dQ): its row of the
+  key lists with segment ids, else the range its rows can attend."""
   if p.segments:
     return list_walk(segment_refs, batch, q_tile)
-  start = q_tile * p.rows_per_cta
-  return range_walk(p.mask.kv_block_range(start, start + p.rows_per_cta,
-                                          q_len, kv_len, block_kv))
+  rows = p.rows_per_cta if rows is None else rows
+  start = q_tile * rows
+  return range_walk(p.mask.kv_block_range(start, start + rows, q_len,
+                                          kv_len, block_kv))
 
 
 def phase_steps(walk: Walk, own_range=None):
@@ -226,3 +227,55 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
         ids_ref, ids_ring, ids_ready = kv_ids
         plgpu.copy_gmem_to_smem(ids_ref.at[batch, pl.ds(start, block_kv)],
                                 ids_ring.at[slot], ids_ready.at[slot])
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryRing:
+  """The shared-memory ring a key-major (dK/dV) kernel streams query blocks
+  through: Q, dO, lse and D per slot (``ids``: the blocks' query segment
+  ids, with segment ids), each with its "ready" barriers, and one "free"
+  barrier per slot that every consumer arrives on."""
+
+  q: Any
+  dout: Any
+  lse: Any
+  delta: Any
+  q_ready: Any
+  dout_ready: Any
+  lse_ready: Any
+  delta_ready: Any
+  free: Any
+  ids: Any = None
+  ids_ready: Any = None
+
+
+def stream_query_blocks(p, ring: QueryRing, q_ref, do_ref, lse_ref, delta_ref,
+                        *, batch, steps, locate, block: int,
+                        q_ids_ref=None):
+  """The producer warpgroup of a key-major kernel: for step ``t`` < ``steps``
+  copies query block ``locate(t) = (head, block index)`` (``block`` rows)
+  of Q, lse, its segment ids, dO and D into ring slot ``t % p.stages``,
+  once every consumer has released the slot. The order is the order of
+  use: S needs Q, P needs lse (and the ids), dP needs dO, dS needs D."""
+  plgpu.set_max_registers(40, action="decrease")
+
+  @pl.loop(0, steps)
+  def _(t):
+    slot = lax.rem(t, jnp.int32(p.stages))
+    head, q_block = locate(t)
+    rows = pl.ds(q_block * block, block)
+
+    @pl.when(t >= p.stages)
+    def _():
+      plgpu.barrier_wait(ring.free.at[slot])
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], ring.q.at[slot],
+                            ring.q_ready.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows],
+                            ring.lse.at[slot], ring.lse_ready.at[slot])
+    if q_ids_ref is not None:
+      plgpu.copy_gmem_to_smem(q_ids_ref.at[batch, rows], ring.ids.at[slot],
+                              ring.ids_ready.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], ring.dout.at[slot],
+                            ring.dout_ready.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
+                            ring.delta.at[slot], ring.delta_ready.at[slot])
