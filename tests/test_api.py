@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -420,9 +421,10 @@ def test_deterministic_false_reaches_the_config_and_triton_ignores_it(
   assert [c.deterministic for c in configs] == [True, False]
 
 
-def test_hopper_backend_declines_alignment_to_lengths(qkv):
-  """The Mosaic kernels place the bottom-right diagonal statically; aligned
-  to padding lengths, the call falls through (to the Triton kernels)."""
+def test_hopper_backend_takes_alignment_to_lengths(qkv, monkeypatch):
+  """Bottom-right alignment to padding lengths reaches the Mosaic kernels
+  (their element mask and block ranges take each row's ``kv_len - q_len``
+  offset) on an sm90 GPU; without lengths it is the static ``S - T``."""
   from flash_jax.backends import pallas_mosaic_gpu
   q, k, v = (x.astype(jnp.bfloat16) for x in qkv)
   lengths = jnp.array([S - 2, S], jnp.int32)
@@ -431,9 +433,11 @@ def test_hopper_backend_declines_alignment_to_lengths(qkv):
                           key_value_seq_lengths=lengths)
   assert call.config.mask.align_to_lengths
   assert call.config.mask.diagonal_offset == 0
-  with pytest.raises(NotImplementedError, match="padding lengths"):
-    pallas_mosaic_gpu.check_supported(call.config, call.query, call.key,
-                                      call.value, None, call.arrays)
+  monkeypatch.setattr(flash_jax.platform, "compute_capability",
+                      lambda: (9, 0))
+  config = dataclasses.replace(call.config, interpret=False)
+  pallas_mosaic_gpu.check_supported(config, call.query, call.key,
+                                    call.value, None, call.arrays)
   plain = api.canonicalize(q, k, v, is_causal=True,
                            causal_alignment="bottom_right")
   assert not plain.config.mask.align_to_lengths

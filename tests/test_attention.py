@@ -108,7 +108,8 @@ class TestPallasMosaicGpu(AttentionTestBase):
             causal_alignment="bottom_right"), True),
       (Case(3, 200, 300, 4, 2, 256, 256, True, "bfloat16"),
        dict(query_seq_lengths=(200, 77, 0),
-            key_value_seq_lengths=(300, 150, 5)), True),
+            key_value_seq_lengths=(300, 150, 5),
+            causal_alignment="bottom_right"), True),
   ], ids=lambda x: str(x) if isinstance(x, Case) else (
       "-".join(x) or "plain") if isinstance(x, dict) else f"det={x}")
   def test_head_dim_256_backward_runs_the_mosaic_kernels(

@@ -240,6 +240,14 @@ MOSAIC_CASES = {
     "h40_bottom_right_cap": (1, 97, 203, 4, 1, 40, jnp.bfloat16,
                              MaskSpec(is_causal=True, diagonal_offset=106),
                              True, 30.0),
+    "h128_bottom_right_to_lengths": (2, 300, 500, 4, 2, 128, jnp.bfloat16,
+                                     MaskSpec(is_causal=True,
+                                              align_to_lengths=True),
+                                     True, None),
+    "h256_bottom_right_to_lengths": (2, 300, 500, 4, 2, 256, jnp.bfloat16,
+                                     MaskSpec(is_causal=True,
+                                              align_to_lengths=True),
+                                     True, None),
 }
 
 

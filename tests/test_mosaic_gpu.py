@@ -86,7 +86,7 @@ def test_cta_schedule_covers_every_attended_key_and_masks_every_boundary(
   block_kv = int(rs.choice([64, 128]))
   q_len = int(rs.randint(0, q_seq + 1)) if rs.rand() < 0.3 else q_seq
   kv_len = int(rs.randint(0, kv_seq + 1)) if rs.rand() < 0.3 else kv_seq
-  spec = _random_spec(rs, q_seq, kv_seq)
+  spec = _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True)
   allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
   rows = CONSUMERS * BLOCK_Q
   for cta in range(-(-q_seq // rows)):
@@ -139,30 +139,34 @@ def test_scale_folds_only_where_max_commutes_with_it():
 @pytest.mark.parametrize("seed", range(60))
 def test_key_major_schedule_of_the_dkv_kernel(seed):
   """dK/dV CTAs own 128 keys; both consumers walk the union of their keys'
-  query blocks, each unmasked only where all its keys are attended."""
+  query blocks, each unmasked only where all its keys are attended. At head
+  dim 256 (`backward_wide`) a CTA owns 64 keys, which both consumers share:
+  its own range is the CTA's."""
   rs = np.random.RandomState(1000 + seed)
   q_seq, kv_seq = (int(x) for x in rs.randint(1, 700, size=2))
   q_len = int(rs.randint(0, q_seq + 1)) if rs.rand() < 0.3 else q_seq
   kv_len = int(rs.randint(0, kv_seq + 1)) if rs.rand() < 0.3 else kv_seq
-  spec = _random_spec(rs, q_seq, kv_seq)
+  spec = _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True)
   allowed = _dense(spec, q_seq, kv_seq, q_len, kv_len)
-  rows = CONSUMERS * BLOCK_Q
-  for cta in range(-(-kv_seq // rows)):
-    lo, steps = (int(x) for x in common.shared_range(spec.q_block_range(
-        cta * rows, (cta + 1) * rows, q_len, kv_len, BLOCK_Q)))
-    visited = np.zeros(q_seq, bool)
-    visited[lo * BLOCK_Q:(lo + steps) * BLOCK_Q] = True
-    for wg in range(CONSUMERS):
-      start = cta * rows + wg * BLOCK_Q
-      own = spec.q_block_range(start, start + BLOCK_Q, q_len, kv_len, BLOCK_Q)
-      first_full, end_full = (int(x) for x in
-                              common.own_phase_steps(own, lo, steps))
-      mine = allowed[:, start:start + BLOCK_Q]
-      assert not (mine & ~visited[:, None]).any(), (cta, wg)
-      for t in range(first_full, end_full):
-        q0 = (lo + t) * BLOCK_Q
-        block = mine[q0:min(q0 + BLOCK_Q, q_len)]
-        assert block.shape[1] == BLOCK_Q and block.all(), (cta, wg, t)
+  for key_blocks_per_cta in (CONSUMERS, 1):
+    rows = key_blocks_per_cta * BLOCK_Q
+    for cta in range(-(-kv_seq // rows)):
+      lo, steps = (int(x) for x in common.shared_range(spec.q_block_range(
+          cta * rows, (cta + 1) * rows, q_len, kv_len, BLOCK_Q)))
+      visited = np.zeros(q_seq, bool)
+      visited[lo * BLOCK_Q:(lo + steps) * BLOCK_Q] = True
+      for part in range(key_blocks_per_cta):
+        start = cta * rows + part * BLOCK_Q
+        own = spec.q_block_range(start, start + BLOCK_Q, q_len, kv_len,
+                                 BLOCK_Q)
+        first_full, end_full = (int(x) for x in
+                                common.own_phase_steps(own, lo, steps))
+        mine = allowed[:, start:start + BLOCK_Q]
+        assert not (mine & ~visited[:, None]).any(), (cta, part)
+        for t in range(first_full, end_full):
+          q0 = (lo + t) * BLOCK_Q
+          block = mine[q0:min(q0 + BLOCK_Q, q_len)]
+          assert block.shape[1] == BLOCK_Q and block.all(), (cta, part, t)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -170,7 +174,8 @@ def test_segment_list_walks_cover_every_attended_pair(seed):
   """With segment ids each Hopper kernel walks its row of a block map's
   lists, built by `segment_lists` at that kernel's tiles on the padded
   sequences: the forward's and dQ's key blocks per 128 queries, dK/dV's
-  query blocks per 128 keys (per 64 queries and 64 keys at head dim 256). Read through the kernels' own `list_walk` and
+  query blocks per 128 keys (at head dim 256 the backward's per 64 queries
+  and 64 keys). Read through the kernels' own `list_walk` and
   `phase_steps`, every attended pair lies in a visited block, and every
   block taken without the element mask is attended by all of its valid
   rows and lies inside the valid keys."""
@@ -180,7 +185,7 @@ def test_segment_list_walks_cover_every_attended_pair(seed):
   rs = np.random.RandomState(2000 + seed)
   batch = 2
   q_seq, kv_seq = (int(x) for x in rs.randint(1, 600, size=2))
-  spec = _random_spec(rs, q_seq, kv_seq)
+  spec = _random_spec(rs, q_seq, kv_seq, may_align_to_lengths=True)
   num_ids = int(rs.randint(1, 6))
   q_ids = np.sort(rs.randint(0, num_ids, size=(batch, q_seq)), axis=1)
   kv_ids = np.sort(rs.randint(0, num_ids, size=(batch, kv_seq)), axis=1)

@@ -6,19 +6,20 @@ GPU test class passed on an H100 (2026-11-27, on the sequence-major launch
 order and with segment ids: 380 passed; the segment-id tests again after a
 later change to that path: 12 passed; see
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
-above 128 the backward runs the Triton backend's kernels on the same
-residuals (out, lse), which the shared residual contract allows.
+above 128 (padded to 256) the backward is `backward_wide`'s two kernels,
+whose consumers split the gradients' head dim.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
-that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`).
+that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
+at head dim 256 the two deterministic kernels run either way).
 
-It takes: causal (either alignment, but bottom-right only as the static
-``S - T`` offset, not aligned to padding lengths), local windows, padding
-lengths, segment ids, GQA/MQA, any T and S, head dims up to 256
-(zero-padded to 64, 128 or 256; value head dim equal to the query head dim),
-float16 and bfloat16, soft-cap. Anything else (bias, a dense mask,
-``mask_fn``, dropout, float32) raises NotImplementedError so the dispatcher
-falls through (usually to ``"pallas_triton"``).
+It takes: causal (either alignment, bottom-right also aligned to padding
+lengths), local windows, padding lengths, segment ids, GQA/MQA, any T and
+S, head dims up to 256 (zero-padded to 64, 128 or 256; value head dim equal
+to the query head dim), float16 and bfloat16, soft-cap. Anything else
+(bias, a dense mask, ``mask_fn``, dropout, float32) raises
+NotImplementedError so the dispatcher falls through (usually to
+``"pallas_triton"``).
 
 With segment ids each kernel walks a block map's lists
 (`flash_jax.block_map`, built here in XLA at the kernel's own tiles), so
@@ -33,7 +34,8 @@ import jax.numpy as jnp
 
 from flash_jax import block_map, platform
 from flash_jax.backends.pallas_mosaic_gpu import backward as _backward
-from flash_jax.backends.pallas_mosaic_gpu import backward_wide as _backward_wide
+from flash_jax.backends.pallas_mosaic_gpu import (
+    backward_wide as _backward_wide)
 from flash_jax.backends.pallas_mosaic_gpu import common as _common
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
 from flash_jax.config import AttentionConfig
@@ -65,7 +67,6 @@ def _unsupported(config: AttentionConfig, query, value, bias, arrays
       ("bias", bias is not None),
       ("a dense mask", arrays.mask is not None),
       ("mask_fn", spec.mask_fn is not None),
-      ("bottom-right alignment to padding lengths", spec.align_to_lengths),
       ("dropout", config.dropout_rate > 0),
       (f"dtype {jnp.dtype(query.dtype).name} (float16/bfloat16 only)",
        jnp.dtype(query.dtype) not in (jnp.float16, jnp.bfloat16)),

@@ -153,8 +153,8 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
                                                    common.COLUMN_IDS))
           allowed = common.tile_allowed(
-              p, tile, q_block * BLOCK, kv_start, kv_len, keys_are_rows=True,
-              segment_ids=segment_ids)
+              p, tile, q_block * BLOCK, kv_start, q_len, kv_len,
+              keys_are_rows=True, segment_ids=segment_ids)
           probs = jnp.where(allowed, probs, 0.0)
         return probs, tanh, dp_ref[...]
       probs, tanh, dp_t = pl.run_scoped(
@@ -271,8 +271,8 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
                                                   common.COLUMN_IDS))
           allowed = common.tile_allowed(p, tile, q_start,
-                                        walk.block_of(t) * BLOCK, kv_len,
-                                        segment_ids=segment_ids)
+                                        walk.block_of(t) * BLOCK, q_len,
+                                        kv_len, segment_ids=segment_ids)
           probs = jnp.where(allowed, probs, 0.0)
         return probs, tanh, dp_ref[...]
       probs, tanh, dp = pl.run_scoped(

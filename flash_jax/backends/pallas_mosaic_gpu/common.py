@@ -164,8 +164,8 @@ def run_phases(total, first_full, end_full, step, carry):
   return lax.fori_loop(end_full, total, masked, carry)
 
 
-def tile_allowed(p, tile, q_start, kv_start, kv_len, *, keys_are_rows=False,
-                 segment_ids=None):
+def tile_allowed(p, tile, q_start, kv_start, q_len, kv_len, *,
+                 keys_are_rows=False, segment_ids=None):
   """The element mask of a ``tile`` of scores in the wgmma layout, whose
   rows are queries from ``q_start`` (or, with ``keys_are_rows``, keys from
   ``kv_start``: the transposed tiles of the dK/dV kernel).
@@ -177,7 +177,7 @@ def tile_allowed(p, tile, q_start, kv_start, kv_len, *, keys_are_rows=False,
                                              layout=plgpu.Layout.WGMMA)
   q_axis, kv_axis = (1, 0) if keys_are_rows else (0, 1)
   allowed = p.mask.allows(q_start + iota(q_axis), kv_start + iota(kv_axis),
-                          kv_len)
+                          kv_len, q_len=q_len)
   if segment_ids is not None:
     row_ids, column_ids = segment_ids
     allowed = allowed & (lax.broadcast_in_dim(row_ids, tile, [0])

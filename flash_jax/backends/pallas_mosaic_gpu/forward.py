@@ -200,8 +200,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
       logits = s if p.folds_scale else _scaled_logits(s, p)
       if masked:
         allowed = common.tile_allowed(p, tile, q_start,
-                                      walk.block_of(t) * block_kv, kv_len,
-                                      segment_ids=segment_ids)
+                                      walk.block_of(t) * block_kv, q_len,
+                                      kv_len, segment_ids=segment_ids)
         logits = jnp.where(allowed, logits, -jnp.inf)
       row_max = jnp.max(logits, axis=1)
       if p.folds_scale:
