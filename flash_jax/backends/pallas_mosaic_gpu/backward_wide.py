@@ -1,34 +1,38 @@
 """FlashAttention-2 backward for head dim 256 (after padding), in Pallas'
 Mosaic GPU dialect.
 
-`backward` keeps a consumer's gradient rows whole: 64 keys' dK and dV, or
-64 queries' dQ, in one warpgroup's registers. At head dim 256 that is 2 x
-64 x 256 float32 for dK/dV, 256 registers a thread, more than a thread has,
-and 128 keys' K and V beside a Q/dO ring would not fit shared memory
-either. So here the two consumer warpgroups of a CTA split its gradient
-rows by the head dim:
+`backward` gives each consumer warpgroup 64 rows of the gradients (64 keys'
+dK and dV, or 64 queries' dQ) and has it form every product of those rows.
+At head dim 256 that needs 2 x 64 x 256 float32 accumulators for dK/dV,
+256 registers a thread, more than a thread has; and 128 keys' K and V beside
+a Q/dO ring would not fit shared memory. So here a CTA owns 64 rows and its
+two consumers split the work by role (FlashAttention-3 also gives its
+warpgroups different products at its largest head dims):
 
-* dK/dV (key-major): a CTA owns 64 keys of one (batch, kv head) and walks
-  64-query blocks of every query head of its GQA group. Per block, each
-  consumer forms the transposed scores ``S^T = K Q^T`` and ``dP^T = V
-  dO^T`` over the whole head dim, then ``P^T`` and ``dS^T`` in registers,
-  and consumer ``c`` accumulates ``dV[:, half c] += P^T dO[:, half c]`` and
-  ``dK[:, half c] += dS^T Q[:, half c]``.
-* dQ (query-major): a CTA owns 64 queries of one (batch, head) and walks
-  64-key blocks; each consumer forms ``S``, ``dP`` and ``dS``, and consumer
-  ``c`` accumulates ``dQ[:, half c] += dS K[:, half c]``.
+* dK/dV (key-major; a CTA owns 64 keys of one (batch, kv head) and walks
+  64-query blocks of every query head of its GQA group, streamed by the
+  producer warpgroup):
+  - the *scores* consumer forms ``S^T = K Q^T``, then ``P^T`` from the
+    saved logsumexp and the element mask, hands ``P^T`` (times ``1 -
+    tanh^2`` with a soft-cap) to the other consumer through shared memory,
+    and accumulates ``dV += P^T dO``;
+  - the *gradients* consumer forms ``dP^T = V dO^T``, takes the handed-over
+    tile, forms ``dS^T = P^T (dP^T - D)`` and accumulates ``dK += dS^T Q``.
+* dQ (query-major; a CTA owns 64 queries of one (batch, head) and walks
+  64-key blocks): the scores consumer forms ``S`` and hands over ``P``; the
+  gradients consumer forms ``dP``, ``dS`` and accumulates ``dQ += dS K``.
 
-Both consumers form the same score tiles, so the tensor cores do 3 (dK/dV)
-or 2.5 (dQ) products' work where 2 (1.5) would do. The alternatives were
-worse here: splitting the score tile's columns between the consumers gives
-64 x 32 wgmma tiles, whose B operand Mosaic GPU's layout inference refuses
-from our 128-byte swizzled rings (for M = 64 it splits N into two groups,
-none narrower than a swizzle tile), and trading the halves of P^T and dS^T
-through shared memory needs more of it than the rings leave. The
-consumers never wait on each other. dQ always has its own kernel, so the
-backward is deterministic whatever ``deterministic`` says. The
-probabilities come from the saved logsumexp; the element mask, segment ids
-and soft-cap act as in `backward`, whose helpers this module shares.
+No product is formed twice, so the tensor cores do FlashAttention-2's 4
+(dK/dV) and 3 (dQ) products per tile; each accumulator is 64 x 256 float32
+in one warpgroup, as in the head-dim-128 kernels' pair of 64 x 128 ones.
+The handed-over tile is float32 and single-buffered: the scores consumer
+writes the next one once the gradients consumer has loaded the last (a
+"free" barrier). Each result goes out through the shared buffer of an
+operand only its own consumer reads (dV through K, dK through V, dQ through
+dO), so neither waits for the other at the end. dQ always has its own
+kernel, so the backward is deterministic whatever ``deterministic`` says.
+The element mask, segment ids and soft-cap act as in `backward`, whose
+helpers this module shares.
 """
 
 from __future__ import annotations
@@ -57,26 +61,45 @@ def list_tiles(p: ForwardParams) -> dict:
   return {"dkv": (BLOCK, BLOCK), "dq": (BLOCK, BLOCK)}
 
 
-def _half(i, p: ForwardParams):
-  """Consumer ``i``'s half of the head dim."""
-  return pl.ds(i * (p.head_dim // CONSUMERS), p.head_dim // CONSUMERS)
+SCORES, GRADIENTS = 0, 1   # the consumer warpgroups' roles
 
 
-def _halves_product(acc_ref, a_halves, b, p: ForwardParams):
-  """Issues ``acc += A B^T`` over the head dim, with ``A`` held as its two
-  column halves (``a_halves.at[i]``, so that each half is one contiguous
-  buffer a TMA copy can fill and drain) and ``b`` whole."""
-  for i in range(CONSUMERS):
-    plgpu.wgmma(acc_ref, a_halves.at[i],
-                b.at[:, _half(i, p)].transpose((1, 0)))
+def _hand_over(t, tile, buffer, ready, free):
+  """The scores consumer's side of the hand-over of step ``t``'s tile."""
+  @pl.when(t > 0)
+  def _():
+    plgpu.barrier_wait(free)     # the previous tile has been loaded
+  buffer[...] = tile
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(ready)
+
+
+def _take_over(buffer, ready, free):
+  """The gradients consumer's side: the handed-over tile, in registers."""
+  plgpu.barrier_wait(ready)
+  tile = plgpu.load(buffer, layout=plgpu.Layout.WGMMA)
+  plgpu.barrier_arrive(free)
+  return tile
+
+
+def _tile_smem():
+  """Shared memory for the handed-over 64 x 64 float32 tile."""
+  return plgpu.SMEM((BLOCK, BLOCK), jnp.float32,
+                    transforms=(plgpu.TilingTransform((8, 32)),
+                                plgpu.SwizzleTransform(128)))
+
+
+def _handed_probs(probs, tanh):
+  """What dS needs of P: P, times tanh' (``1 - tanh^2``) with a soft-cap."""
+  return probs if tanh is None else probs * (1.0 - tanh * tanh)
 
 
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, *refs, p: ForwardParams):
   segment_refs, refs = common.SegmentRefs.split(p, refs)
   (dk_ref, dv_ref, k_smem, v_smem, q_ring, do_ring, lse_ring, delta_ring,
-   kv_ready, q_ready, do_ready, lse_ready, delta_ready, ring_free, done,
-   *ids_scratch) = refs
+   kv_ready, q_ready, do_ready, lse_ready, delta_ready, ring_free,
+   probs_smem, probs_ready, probs_free, *ids_scratch) = refs
   if p.segments:
     q_ids_ring, q_ids_ready = ids_scratch
   batch = lax.axis_index("batch")
@@ -102,11 +125,8 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg == PRODUCER)
   def _producer():
-    for i, (src, dst) in enumerate((
-        (k_ref, k_smem.at[0]), (k_ref, k_smem.at[1]),
-        (v_ref, v_smem.at[0]), (v_ref, v_smem.at[1]))):
-      plgpu.copy_gmem_to_smem(src.at[(*keys, _half(i % CONSUMERS, p))], dst,
-                              kv_ready.at[i])
+    plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_ready.at[0])
+    plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_ready.at[1])
     common.stream_query_blocks(
         p, common.QueryRing(
             q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
@@ -116,84 +136,102 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         locate=locate, block=BLOCK,
         q_ids_ref=segment_refs.q_ids if p.segments else None)
 
-  @pl.when(wg < CONSUMERS)
-  def _consumer():
+  tile = (BLOCK, BLOCK)                # [keys, queries]
+  column = plgpu.Layout.WGMMA.reduce(0)
+  zeros = lambda: plgpu.layout_cast(
+      jnp.zeros((BLOCK, p.head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+  def over_steps(step, first_full, end_full):
+    """``step`` over every query head of the group, in masked/unmasked
+    phases; returns the accumulator."""
+    def over_group(group, acc):
+      base = group * q_steps
+      shifted = lambda t, c, *, masked: step(base + t, c, masked=masked)
+      return common.run_phases(q_steps, first_full, end_full, shifted, acc)
+    return lax.fori_loop(0, p.groups, over_group, zeros())
+
+  @pl.when(wg == SCORES)
+  def _scores():
     plgpu.set_max_registers(232, action="increase")
-    for i in range(2 * CONSUMERS):
-      plgpu.barrier_wait(kv_ready.at[i])
-    # Both consumers cover all 64 keys, so the CTA's range is each one's.
+    plgpu.barrier_wait(kv_ready.at[0])
     first_full, end_full = common.phase_steps(walk, own_range)
-    tile = (BLOCK, BLOCK)                # [keys, queries]
-    column = plgpu.Layout.WGMMA.reduce(0)
-    cols = _half(wg, p)
     if p.segments:
       kv_ids = common.load_ids(segment_refs.kv_ids.at[batch, pl.ds(
           kv_start, BLOCK)], common.ROW_IDS, from_global=True)
 
-    def step(t, carry, *, masked: bool):
-      dk, dv = carry
+    def step(t, dv, *, masked: bool):
       slot = lax.rem(t, jnp.int32(p.stages))
       _, q_block = locate(t)
-      for ready in (q_ready, lse_ready, do_ready):
-        plgpu.barrier_wait(ready.at[slot])
+      plgpu.barrier_wait(q_ready.at[slot])
+      plgpu.barrier_wait(lse_ready.at[slot])
 
-      def scores_and_dprobs(s_ref, dp_ref):
-        _halves_product(s_ref, k_smem, q_ring.at[slot], p)
-        _halves_product(dp_ref, v_smem, do_ring.at[slot], p)
-        s_t = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-        logits, tanh = _logits(s_t, p)
-        lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-        probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
+      def scores(s_ref):
+        plgpu.wgmma(s_ref, k_smem, q_ring.at[slot].transpose((1, 0)))
+        return s_ref[...]
+      s_t = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
+      logits, tanh = _logits(s_t, p)
+      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
+      if p.segments:
+        # Every step waits (barriers track their phase per wait).
+        plgpu.barrier_wait(q_ids_ready.at[slot])
+      if masked:
+        segment_ids = None
         if p.segments:
-          # Every step waits (barriers track their phase per wait).
-          plgpu.barrier_wait(q_ids_ready.at[slot])
-        if masked:
-          segment_ids = None
-          if p.segments:
-            segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
-                                                   common.COLUMN_IDS))
-          allowed = common.tile_allowed(
-              p, tile, q_block * BLOCK, kv_start, q_len, kv_len,
-              keys_are_rows=True, segment_ids=segment_ids)
-          probs = jnp.where(allowed, probs, 0.0)
-        return probs, tanh, dp_ref[...]
-      probs, tanh, dp_t = pl.run_scoped(
-          scores_and_dprobs, plgpu.ACC(tile, jnp.float32),
-          plgpu.ACC(tile, jnp.float32))
+          segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
+                                                 common.COLUMN_IDS))
+        allowed = common.tile_allowed(
+            p, tile, q_block * BLOCK, kv_start, q_len, kv_len,
+            keys_are_rows=True, segment_ids=segment_ids)
+        probs = jnp.where(allowed, probs, 0.0)
+      _hand_over(t, _handed_probs(probs, tanh), probs_smem, probs_ready,
+                 probs_free)
+      plgpu.barrier_wait(do_ready.at[slot])
+
+      def dv_update(dv_ref):
+        plgpu.wgmma(dv_ref, probs.astype(p.dtype), do_ring.at[slot])
+      dv = pl.run_state(dv_update)(plgpu.ACC.init(dv))
+      plgpu.barrier_arrive(ring_free.at[slot])
+      return dv
+
+    dv = over_steps(step, first_full, end_full)
+    # Only this consumer reads K: its buffer takes dV.
+    k_smem[...] = dv.astype(p.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(k_smem, dv_ref.at[keys])
+    plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == GRADIENTS)
+  def _gradients():
+    plgpu.set_max_registers(232, action="increase")
+    plgpu.barrier_wait(kv_ready.at[1])
+
+    def step(t, dk, *, masked: bool):
+      del masked   # the handed-over P^T is masked already
+      slot = lax.rem(t, jnp.int32(p.stages))
+      plgpu.barrier_wait(do_ready.at[slot])
+
+      def dprobs(dp_ref):
+        plgpu.wgmma(dp_ref, v_smem, do_ring.at[slot].transpose((1, 0)))
+        return dp_ref[...]
+      dp_t = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
+      handed = _take_over(probs_smem, probs_ready, probs_free)
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = plgpu.load(delta_ring.at[slot], layout=column)
-      ds_t = probs * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-      if tanh is not None:
-        ds_t = ds_t * (1.0 - tanh * tanh)
+      ds_t = handed * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
+      plgpu.barrier_wait(q_ready.at[slot])
 
-      def dv_and_dk(refs):
-        dv_ref, dk_ref = refs
-        plgpu.wgmma(dv_ref, probs.astype(p.dtype), do_ring.at[slot, :, cols])
-        plgpu.wgmma(dk_ref, ds_t.astype(p.dtype), q_ring.at[slot, :, cols])
-      dv, dk = pl.run_state(dv_and_dk)((plgpu.ACC.init(dv),
-                                        plgpu.ACC.init(dk)))
+      def dk_update(dk_ref):
+        plgpu.wgmma(dk_ref, ds_t.astype(p.dtype), q_ring.at[slot])
+      dk = pl.run_state(dk_update)(plgpu.ACC.init(dk))
       plgpu.barrier_arrive(ring_free.at[slot])
-      return dk, dv
+      return dk
 
-    zeros = plgpu.layout_cast(
-        jnp.zeros((BLOCK, p.head_dim // CONSUMERS), jnp.float32),
-        plgpu.Layout.WGMMA)
-
-    def over_group(group, carry):
-      base = group * q_steps
-      shifted = lambda t, c, *, masked: step(base + t, c, masked=masked)
-      return common.run_phases(q_steps, first_full, end_full, shifted, carry)
-
-    dk, dv = lax.fori_loop(0, p.groups, over_group, (zeros, zeros))
-    # Both consumers read all of K and V until their last step: meet first.
-    plgpu.barrier_arrive(done)
-    plgpu.barrier_wait(done)
-    k_out, v_out = k_smem.at[wg], v_smem.at[wg]
-    k_out[...] = (dk * p.scale).astype(p.dtype)
-    v_out[...] = dv.astype(p.dtype)
+    dk = over_steps(step, 0, 0)   # no element mask here: one phase
+    # Only this consumer reads V: its buffer takes dK.
+    v_smem[...] = (dk * p.scale).astype(p.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(k_out, dk_ref.at[(*keys, cols)])
-    plgpu.copy_smem_to_gmem(v_out, dv_ref.at[(*keys, cols)])
+    plgpu.copy_smem_to_gmem(v_smem, dk_ref.at[keys])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -205,7 +243,8 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                delta_ref, *refs, p: ForwardParams):
   segment_refs, refs = common.SegmentRefs.split(p, refs)
   (dq_ref, q_smem, do_smem, lse_smem, delta_smem, k_ring, v_ring, row_ready,
-   k_ready, v_ready, k_free, v_free, done, *ids_scratch) = refs
+   k_ready, v_ready, k_free, v_free, probs_smem, probs_ready, probs_free,
+   *ids_scratch) = refs
   if p.segments:
     kv_ids_ring, kv_ids_ready = ids_scratch
   batch = lax.axis_index("batch")
@@ -218,13 +257,13 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   rows = (batch, pl.ds(q_start, BLOCK), head)
   walk = common.query_major_walk(p, segment_refs, batch, q_tile, q_len,
                                  kv_len, BLOCK, rows=BLOCK)
+  row = plgpu.Layout.WGMMA.reduce(1)
+  tile = (BLOCK, BLOCK)                # [queries, keys]
 
   @pl.when(wg == PRODUCER)
   def _producer():
     for i, (src, dst) in enumerate((
-        (q_ref.at[(*rows, _half(0, p))], q_smem.at[0]),
-        (q_ref.at[(*rows, _half(1, p))], q_smem.at[1]),
-        (do_ref.at[rows], do_smem),
+        (q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem),
         (lse_ref.at[batch, head, pl.ds(q_start, BLOCK)], lse_smem),
         (delta_ref.at[batch, head, pl.ds(q_start, BLOCK)], delta_smem))):
       plgpu.copy_gmem_to_smem(src, dst, row_ready.at[i])
@@ -234,72 +273,80 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         kv_ids=((segment_refs.kv_ids, kv_ids_ring, kv_ids_ready)
                 if p.segments else None))
 
-  @pl.when(wg < CONSUMERS)
-  def _consumer():
+  @pl.when(wg == SCORES)
+  def _scores():
     plgpu.set_max_registers(232, action="increase")
-    for i in range(5):
-      plgpu.barrier_wait(row_ready.at[i])
-    row = plgpu.Layout.WGMMA.reduce(1)
+    plgpu.barrier_wait(row_ready.at[0])   # Q
+    plgpu.barrier_wait(row_ready.at[2])   # lse
     lse = _lse_log2(plgpu.load(lse_smem, layout=row))
-    delta = plgpu.load(delta_smem, layout=row)
     first_full, end_full = common.phase_steps(
         walk, lambda: p.mask.kv_block_range(q_start, q_start + BLOCK, q_len,
                                             kv_len, BLOCK))
-    tile = (BLOCK, BLOCK)                # [queries, keys]
-    cols = _half(wg, p)
     if p.segments:
       q_ids = common.load_ids(segment_refs.q_ids.at[batch, pl.ds(
           q_start, BLOCK)], common.ROW_IDS, from_global=True)
 
-    def step(t, dq, *, masked: bool):
+    def step(t, carry, *, masked: bool):
       slot = lax.rem(t, jnp.int32(p.stages))
       plgpu.barrier_wait(k_ready.at[slot])
+
+      def scores(s_ref):
+        plgpu.wgmma(s_ref, q_smem, k_ring.at[slot].transpose((1, 0)))
+        return s_ref[...]
+      s = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
+      logits, tanh = _logits(s, p)
+      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
+      if p.segments:
+        # Every step waits (barriers track their phase per wait).
+        plgpu.barrier_wait(kv_ids_ready.at[slot])
+      if masked:
+        segment_ids = None
+        if p.segments:
+          segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
+                                                common.COLUMN_IDS))
+        allowed = common.tile_allowed(p, tile, q_start,
+                                      walk.block_of(t) * BLOCK, q_len,
+                                      kv_len, segment_ids=segment_ids)
+        probs = jnp.where(allowed, probs, 0.0)
+      plgpu.barrier_arrive(k_free.at[slot])   # K (and its ids) read
+      _hand_over(t, _handed_probs(probs, tanh), probs_smem, probs_ready,
+                 probs_free)
+      return carry
+
+    common.run_phases(walk.steps, first_full, end_full, step, jnp.int32(0))
+
+  @pl.when(wg == GRADIENTS)
+  def _gradients():
+    plgpu.set_max_registers(232, action="increase")
+    plgpu.barrier_wait(row_ready.at[1])   # dO
+    plgpu.barrier_wait(row_ready.at[3])   # D
+    delta = plgpu.load(delta_smem, layout=row)
+
+    def step(t, dq):
+      slot = lax.rem(t, jnp.int32(p.stages))
       plgpu.barrier_wait(v_ready.at[slot])
 
-      def scores_and_dprobs(s_ref, dp_ref):
-        _halves_product(s_ref, q_smem, k_ring.at[slot], p)
+      def dprobs(dp_ref):
         plgpu.wgmma(dp_ref, do_smem, v_ring.at[slot].transpose((1, 0)))
-        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
-        logits, tanh = _logits(s, p)
-        probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
-        if p.segments:
-          # Every step waits (barriers track their phase per wait).
-          plgpu.barrier_wait(kv_ids_ready.at[slot])
-        if masked:
-          segment_ids = None
-          if p.segments:
-            segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
-                                                  common.COLUMN_IDS))
-          allowed = common.tile_allowed(p, tile, q_start,
-                                        walk.block_of(t) * BLOCK, q_len,
-                                        kv_len, segment_ids=segment_ids)
-          probs = jnp.where(allowed, probs, 0.0)
-        return probs, tanh, dp_ref[...]
-      probs, tanh, dp = pl.run_scoped(
-          scores_and_dprobs, plgpu.ACC(tile, jnp.float32),
-          plgpu.ACC(tile, jnp.float32))
+        return dp_ref[...]
+      dp = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
-      ds = probs * (dp - lax.broadcast_in_dim(delta, tile, [0]))
-      if tanh is not None:
-        ds = ds * (1.0 - tanh * tanh)
+      handed = _take_over(probs_smem, probs_ready, probs_free)
+      ds = handed * (dp - lax.broadcast_in_dim(delta, tile, [0]))
+      plgpu.barrier_wait(k_ready.at[slot])
 
       def dq_update(dq_ref):
-        plgpu.wgmma(dq_ref, ds.astype(p.dtype), k_ring.at[slot, :, cols])
+        plgpu.wgmma(dq_ref, ds.astype(p.dtype), k_ring.at[slot])
       dq = pl.run_state(dq_update)(plgpu.ACC.init(dq))
       plgpu.barrier_arrive(k_free.at[slot])
       return dq
 
-    zeros = plgpu.layout_cast(
-        jnp.zeros((BLOCK, p.head_dim // CONSUMERS), jnp.float32),
-        plgpu.Layout.WGMMA)
-    dq = common.run_phases(walk.steps, first_full, end_full, step, zeros)
-    # Both consumers read all of Q until their last step: meet first.
-    plgpu.barrier_arrive(done)
-    plgpu.barrier_wait(done)
-    dq_out = q_smem.at[wg]
-    dq_out[...] = (dq * p.scale).astype(p.dtype)
+    dq = lax.fori_loop(0, walk.steps, step, plgpu.layout_cast(
+        jnp.zeros((BLOCK, p.head_dim), jnp.float32), plgpu.Layout.WGMMA))
+    # Only this consumer reads dO: its buffer takes dQ.
+    do_smem[...] = (dq * p.scale).astype(p.dtype)
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dq_out, dq_ref.at[(*rows, cols)])
+    plgpu.copy_smem_to_gmem(do_smem, dq_ref.at[rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -315,25 +362,28 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   operands = (q_lengths, kv_lengths, query, key, value, dout, lse, delta)
   ids_scratch = lambda: [plgpu.SMEM((stages, BLOCK), jnp.int32),  # ids ring
                          plgpu.Barrier(num_barriers=stages)]      # landed
+  hand_over_scratch = lambda: [_tile_smem(),               # the tile
+                               plgpu.Barrier(),            # written
+                               plgpu.Barrier()]            # loaded
   dk, dv = kernel(
       functools.partial(_dkv_kernel, p=p),
       out_type=varying_like([jax.ShapeDtypeStruct(key.shape, key.dtype),
                              jax.ShapeDtypeStruct(value.shape, value.dtype)],
                             *operands),
       scratch_types=[
-          _smem(p, CONSUMERS, BLOCK, p.head_dim // 2),  # K halves, then dK
-          _smem(p, CONSUMERS, BLOCK, p.head_dim // 2),  # V, then dV
+          _smem(p, BLOCK, p.head_dim),                 # K, then dV
+          _smem(p, BLOCK, p.head_dim),                 # V, then dK
           _smem(p, stages, BLOCK, p.head_dim),         # Q ring
           _smem(p, stages, BLOCK, p.head_dim),         # dO ring
           vector(stages, BLOCK),                       # lse ring
           vector(stages, BLOCK),                       # D ring
-          plgpu.Barrier(num_barriers=2 * CONSUMERS),   # K, V halves landed
+          plgpu.Barrier(num_barriers=2),               # K, V landed
           plgpu.Barrier(num_barriers=stages),          # Q landed
           plgpu.Barrier(num_barriers=stages),          # dO landed
           plgpu.Barrier(num_barriers=stages),          # lse landed
           plgpu.Barrier(num_barriers=stages),          # D landed
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # free
-          plgpu.Barrier(num_arrivals=CONSUMERS),       # K, V read
+          *hand_over_scratch(),                        # P^T
       ] + (ids_scratch() if p.segments else []),
       **common.sequence_major_grid(p, pl.cdiv(p.kv_seq, BLOCK), "kv",
                                    p.num_kv_heads),
@@ -343,18 +393,18 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
       out_type=varying_like(jax.ShapeDtypeStruct(query.shape, query.dtype),
                             *operands),
       scratch_types=[
-          _smem(p, CONSUMERS, BLOCK, p.head_dim // 2),  # Q halves, then dQ
-          _smem(p, BLOCK, p.head_dim),                 # dO
+          _smem(p, BLOCK, p.head_dim),                 # Q
+          _smem(p, BLOCK, p.head_dim),                 # dO, then dQ
           vector(BLOCK),                               # lse
           vector(BLOCK),                               # D
           _smem(p, stages, BLOCK, p.head_dim),         # K ring
           _smem(p, stages, BLOCK, p.head_dim),         # V ring
-          plgpu.Barrier(num_barriers=5),               # Q halves, dO, lse, D
+          plgpu.Barrier(num_barriers=4),               # Q, dO, lse, D
           plgpu.Barrier(num_barriers=stages),          # K landed
           plgpu.Barrier(num_barriers=stages),          # V landed
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
-          plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
-          plgpu.Barrier(num_arrivals=CONSUMERS),       # Q read
+          plgpu.Barrier(num_barriers=stages),          # V free (dP only)
+          *hand_over_scratch(),                        # P
       ] + (ids_scratch() if p.segments else []),
       **common.sequence_major_grid(p, _num_q_tiles(p), "q", p.num_heads),
   )(*operands, *dq_segments)
