@@ -115,7 +115,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
   def test_head_dim_256_backward_runs_the_mosaic_kernels(
       self, rng, case, semantics, deterministic):
     """Head dims 129-256 take `backward_wide`'s two Mosaic GPU kernels
-    (consumers split the gradients' head dim), with either
+    (one consumer forms P and dV, the other dS and dK or dQ), with either
     ``deterministic``: the lowered gradient holds no Triton kernel, the
     gradients match the reference and repeat bitwise."""
     import jax

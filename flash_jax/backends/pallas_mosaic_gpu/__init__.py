@@ -2,12 +2,11 @@
 
 Status: the default implementation on sm90 (first in
 ``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
-GPU test class passed on an H100 (2026-11-27, on the sequence-major launch
-order and with segment ids: 380 passed; the segment-id tests again after a
-later change to that path: 12 passed; see
+GPU test class passed on an H100 on its current kernels (2026-11-27,
+session 13: every non-float32 case, 221 passed with ``test_api``; see
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
 above 128 (padded to 256) the backward is `backward_wide`'s two kernels,
-whose consumers split the gradients' head dim.
+whose two consumer warpgroups split the work by role.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -198,8 +197,8 @@ def forward(config: AttentionConfig, query, key, value, bias, arrays):
 
 def backward_kernels(p):
   """The module whose kernels form the backward for params ``p``
-  (`backward`, or `backward_wide` for head dim 256, where the consumers
-  split the gradients' head dim); both have ``backward`` and
+  (`backward`, or `backward_wide` for head dim 256, where one consumer
+  forms P and dV and the other dS and dK or dQ); both have ``backward`` and
   ``list_tiles``."""
   return _backward_wide if p.head_dim > 128 else _backward
 
