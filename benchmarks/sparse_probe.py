@@ -2,7 +2,7 @@
 
     python benchmarks/sparse_probe.py [--tiles BQxBKVxWARPSxSTAGES,...]
     python benchmarks/sparse_probe.py --balanced
-    ncu --clock-control none python benchmarks/sparse_probe.py --once [PASS]
+    ncu --clock-control none python benchmarks/sparse_probe.py --once [fwd|fwd+bwd]
 
 Issue 3 asks the 90%-empty-block mask (B=1 T=S=8192 N=16 H=128, a dense
 ``[1, 1, T, S]`` boolean mask built from random 128x128 blocks) to run 5x
@@ -49,6 +49,7 @@ Nothing here changes the shipped code.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import sys
@@ -287,14 +288,36 @@ def once(pass_: str):
     jax.block_until_ready(fn(*args))
 
 
+def parse_tiles(spec: str) -> list[tuple[int, int, int, int]]:
+  """``"128x64x4x3,64x64x4x2"`` -> ``[(128, 64, 4, 3), (64, 64, 4, 2)]``:
+  forward tiles ``(block_q, block_kv, warps, stages)``."""
+  tiles = [tuple(int(n) for n in tile.split("x")) for tile in spec.split(",")]
+  for tile in tiles:
+    if len(tile) != 4:
+      raise ValueError(f"tile {tile}: expected BQxBKVxWARPSxSTAGES")
+  return tiles
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  """The probe's modes: the default sections, ``--tiles`` (only those
+  forward tiles), ``--balanced`` or ``--once [PASS]`` (for ncu)."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  modes = parser.add_mutually_exclusive_group()
+  modes.add_argument("--tiles", type=parse_tiles,
+                     help="forward tiles BQxBKVxWARPSxSTAGES,...")
+  modes.add_argument("--balanced", action="store_true",
+                     help="the random mask against one with even rows")
+  modes.add_argument("--once", nargs="?", const="fwd",
+                     choices=("fwd", "fwd+bwd"),
+                     help="run one pass of the sparse row (for ncu)")
+  return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-  if "--once" in sys.argv:
-    once(sys.argv[-1] if sys.argv[-1] != "--once" else "fwd")
-  elif "--balanced" in sys.argv:
+  args = parse_args()
+  if args.once:
+    once(args.once)
+  elif args.balanced:
     balanced()
-  elif "--tiles" in sys.argv:
-    spec = sys.argv[sys.argv.index("--tiles") + 1]
-    main([tuple(int(n) for n in tile.split("x"))
-          for tile in spec.split(",")])
   else:
-    main()
+    main(args.tiles)

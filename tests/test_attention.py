@@ -131,12 +131,37 @@ class TestPallasMosaicGpu(AttentionTestBase):
         lambda *b: self.attend(*b, is_causal=case.is_causal, **semantics,
                                **options), *a))
     text = grads.lower(q, k, v, do).as_text()
-    assert text.count("mosaic_gpu") >= 3 and "xla.gpu.triton" not in text
+    # Forward, dK/dV and dQ; no Triton kernel.
+    assert text.count("custom_call @mosaic_gpu") == 3
+    assert "xla.gpu.triton" not in text
     first = jax.tree.leaves(grads(q, k, v, do))
     for a, b in zip(first, jax.tree.leaves(grads(q, k, v, do))):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     self.check_against_reference(q, k, v, do, is_causal=case.is_causal,
                                  options=options, **semantics)
+
+  @pytest.mark.parametrize("head_dim", [64, 128, 256])
+  def test_alignment_to_lengths_runs_the_mosaic_kernels(self, rng,
+                                                         head_dim):
+    """Bottom-right alignment to padding lengths, with segment ids, GQA and
+    rows with no valid keys or queries, stays in the Hopper kernels
+    (forward, dK/dV and dQ; no Triton kernel) and matches the reference."""
+    import jax
+    import jax.numpy as jnp
+    from helpers import vjp_triple
+    case = Case(3, 200, 300, 4, 2, head_dim, head_dim, True, "bfloat16")
+    q, k, v, do = draw_inputs(rng, case)
+    q_ids, kv_ids = packed_segment_ids(rng, 200, 300, batch=3)
+    semantics = dict(is_causal=True, causal_alignment="bottom_right",
+                     query_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                     query_seq_lengths=jnp.array([200, 61, 0]),
+                     key_value_seq_lengths=jnp.array([0, 300, 9]))
+    text = jax.jit(lambda *a: vjp_triple(
+        lambda *b: self.attend(*b, **semantics), *a)).lower(
+            q, k, v, do).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 3
+    assert "xla.gpu.triton" not in text
+    self.check_against_reference(q, k, v, do, **semantics)
 
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp

@@ -458,3 +458,20 @@ def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
   finally:
     probe.use_grid_order(None)
   assert pallas_mosaic_gpu._params is probe.SHIPPED_PARAMS
+
+
+def test_sparse_probe_modes_go_through_argparse():
+  """The probe's modes are parsed by argparse: tiles as 4-tuples, one mode
+  at a time, ``--once`` defaulting to the forward."""
+  from benchmarks import sparse_probe
+  args = sparse_probe.parse_args(["--tiles", "128x64x4x3,64x32x4x2"])
+  assert args.tiles == [(128, 64, 4, 3), (64, 32, 4, 2)]
+  assert not args.balanced and args.once is None
+  assert sparse_probe.parse_args(["--once"]).once == "fwd"
+  assert sparse_probe.parse_args(["--once", "fwd+bwd"]).once == "fwd+bwd"
+  assert sparse_probe.parse_args(["--balanced"]).balanced
+  assert sparse_probe.parse_args([]).tiles is None
+  for bad in (["--tiles", "128x64"], ["--once", "bwd"],
+              ["--balanced", "--once"]):
+    with pytest.raises(SystemExit):
+      sparse_probe.parse_args(bad)

@@ -294,7 +294,9 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
     (128, MaskSpec(is_causal=True), False),
     (64, MaskSpec(), True),
     (64, MaskSpec(is_causal=True, window_left=300, window_right=0), False),
-    (256, MaskSpec(is_causal=True), True)])
+    (256, MaskSpec(is_causal=True), True),
+    (128, MaskSpec(is_causal=True, align_to_lengths=True), True),
+    (256, MaskSpec(is_causal=True, align_to_lengths=True), False)])
 def test_mosaic_gpu_segment_kernels_lower_for_h100(head_dim, spec,
                                                    deterministic):
   """With segment ids the Hopper kernels (not a fall-through to Triton)

@@ -157,18 +157,18 @@ def segment_lists(config: AttentionConfig, p, arrays, q_lengths, kv_lengths,
   block holding keys at or past ``kv_len`` is full. (Query rows past
   ``q_len`` may lie in a full block: the forward zeroes them and gives
   them lse -inf, so the backward's P is 0 there.)"""
-  q_ids = _padded_ids(arrays.q_segment_ids, p.q_seq)
-  kv_ids = _padded_ids(arrays.kv_segment_ids, p.kv_seq)
+  # The kernels read a CTA's own ids from global memory without TMA's
+  # clipping, so their ids cover whole CTAs; the map sees the sequences.
+  whole = lambda n: -(-n // p.rows_per_cta) * p.rows_per_cta
+  q_ids = _padded_ids(arrays.q_segment_ids, whole(p.q_seq))
+  kv_ids = _padded_ids(arrays.kv_segment_ids, whole(p.kv_seq))
   states = block_map.block_states_for_tiles(
-      config.mask, MaskArrays(q_lengths, kv_lengths, q_segment_ids=q_ids,
-                              kv_segment_ids=kv_ids),
+      config.mask, MaskArrays(q_lengths, kv_lengths,
+                              q_segment_ids=q_ids[:, :p.q_seq],
+                              kv_segment_ids=kv_ids[:, :p.kv_seq]),
       batch=p.batch, num_heads=p.num_heads, q_seq=p.q_seq, kv_seq=p.kv_seq,
       tiles=tiles)
-  # The kernels read a CTA's own ids from global memory without TMA's
-  # clipping, so the ids cover whole CTAs.
-  whole = lambda n: -(-n // p.rows_per_cta) * p.rows_per_cta
-  return (_padded_ids(q_ids, whole(p.q_seq)),
-          _padded_ids(kv_ids, whole(p.kv_seq)), states)
+  return q_ids, kv_ids, states
 
 
 def forward(config: AttentionConfig, query, key, value, bias, arrays):
@@ -223,9 +223,11 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   dkv_segments = dq_segments = ()
   if p.segments:
     tiles = kernels.list_tiles(p)
+    unique = list(dict.fromkeys(tiles.values()))   # one map per tile
     q_ids, kv_ids, states = segment_lists(config, p, arrays, q_lengths,
-                                          kv_lengths, list(tiles.values()))
-    states = dict(zip(tiles, states))
+                                          kv_lengths, unique)
+    states = {name: states[unique.index(tile)]
+              for name, tile in tiles.items()}
     dkv_segments = _common.segment_operands(
         q_ids, kv_ids, block_map.q_lists(states["dkv"]))
     if "dq" in states:

@@ -155,6 +155,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   @pl.when(wg == SCORES)
   def _scores():
     plgpu.set_max_registers(232, action="increase")
+    # Waited even with no steps: dV is written over K at the end.
     plgpu.barrier_wait(kv_ready.at[0])
     first_full, end_full = common.phase_steps(walk, own_range)
     if p.segments:
@@ -206,6 +207,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   @pl.when(wg == GRADIENTS)
   def _gradients():
     plgpu.set_max_registers(232, action="increase")
+    # Waited even with no steps: dK is written over V at the end.
     plgpu.barrier_wait(kv_ready.at[1])
 
     def step(t, dk, *, masked: bool):
@@ -320,6 +322,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
   @pl.when(wg == GRADIENTS)
   def _gradients():
     plgpu.set_max_registers(232, action="increase")
+    # dO is waited even with no steps: dQ is written over it at the end.
     plgpu.barrier_wait(row_ready.at[1])   # dO
     plgpu.barrier_wait(row_ready.at[3])   # D
     delta = plgpu.load(delta_smem, layout=row)

@@ -1,7 +1,8 @@
 """Pieces the Hopper kernels share: sequence lengths, the blocks a CTA walks
 (a range, or a block map's list with segment ids) and their masked/unmasked
-phases, the element mask of a tile, and the TMA producer that streams
-key/value blocks through a ring."""
+phases, the element mask of a tile, and the TMA producers that stream
+key/value blocks (query-major kernels) or query blocks (key-major ones)
+through a ring."""
 
 from __future__ import annotations
 
@@ -91,7 +92,9 @@ def query_major_walk(p, segment_refs, batch, q_tile, q_len, kv_len,
                      block_kv: int, rows: int | None = None) -> Walk:
   """The key blocks of query tile ``q_tile`` (``rows`` rows, by default
   ``p.rows_per_cta``) in a query-major kernel (forward, dQ): its row of the
-  key lists with segment ids, else the range its rows can attend."""
+  key lists with segment ids (built by the caller at ``rows`` x
+  ``block_kv`` tiles; ``rows`` is not read then), else the range its rows
+  can attend."""
   if p.segments:
     return list_walk(segment_refs, batch, q_tile)
   rows = p.rows_per_cta if rows is None else rows
@@ -168,7 +171,9 @@ def tile_allowed(p, tile, q_start, kv_start, q_len, kv_len, *,
                  keys_are_rows=False, segment_ids=None):
   """The element mask of a ``tile`` of scores in the wgmma layout, whose
   rows are queries from ``q_start`` (or, with ``keys_are_rows``, keys from
-  ``kv_start``: the transposed tiles of the dK/dV kernel).
+  ``kv_start``: the transposed tiles of the dK/dV kernel). ``q_len`` and
+  ``kv_len`` are the batch row's valid lengths (``q_len`` matters only
+  with ``MaskSpec.align_to_lengths``).
 
   ``segment_ids``, if given, is ``(row_ids, column_ids)``: the tile's rows'
   ids in the ``WGMMA.reduce(1)`` layout and its columns' in
@@ -257,6 +262,8 @@ def stream_query_blocks(p, ring: QueryRing, q_ref, do_ref, lse_ref, delta_ref,
   of Q, lse, its segment ids, dO and D into ring slot ``t % p.stages``,
   once every consumer has released the slot. The order is the order of
   use: S needs Q, P needs lse (and the ids), dP needs dO, dS needs D."""
+  # Ids need both their source and their ring, or a consumer waits forever.
+  assert (q_ids_ref is None) == (ring.ids is None)
   plgpu.set_max_registers(40, action="decrease")
 
   @pl.loop(0, steps)
