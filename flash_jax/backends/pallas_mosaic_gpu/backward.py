@@ -114,6 +114,45 @@ def _lse_log2(lse):
   return jnp.where(lse == -jnp.inf, jnp.inf, lse) * LOG2_E
 
 
+def _probabilities(logits, lse, p: ForwardParams, tile, *, masked: bool,
+                   tile_starts, q_len, kv_len, keys_are_rows=False,
+                   streamed_ids=None):
+  """P from the logits (`_logits`) and the rows' lse in log2 units
+  (`_lse_log2`); P^T, with lse per column, with ``keys_are_rows`` (the
+  dK/dV kernels' transposed tiles). A ``masked`` tile takes the element
+  mask (`common.tile_allowed`); ``tile_starts()`` gives its ``(q_start,
+  kv_start)``, computed for masked tiles only.
+
+  ``streamed_ids``, with segment ids, is ``(own_ids, ids_slot,
+  ids_ready)``: the CTA's own ids (`common.ROW_IDS`), the ring slot of the
+  streamed block's ids and its barrier, which is waited on every step
+  (barriers track their phase per wait)."""
+  probs = jnp.exp2(logits - lax.broadcast_in_dim(
+      lse, tile, [1 if keys_are_rows else 0]))
+  if streamed_ids is not None:
+    own_ids, ids_slot, ids_ready = streamed_ids
+    plgpu.barrier_wait(ids_ready)
+  if masked:
+    segment_ids = None
+    if streamed_ids is not None:
+      segment_ids = (own_ids, common.load_ids(ids_slot, common.COLUMN_IDS))
+    allowed = common.tile_allowed(p, tile, *tile_starts(), q_len, kv_len,
+                                  keys_are_rows=keys_are_rows,
+                                  segment_ids=segment_ids)
+    probs = jnp.where(allowed, probs, 0.0)
+  return probs
+
+
+def _dscores(probs, dprobs, delta, tile, *, keys_are_rows=False, tanh=None):
+  """dS = P * (dP - D) in float32 (transposed with ``keys_are_rows``),
+  times tanh' (``1 - tanh^2``) with a soft-cap's ``tanh``."""
+  ds = probs * (dprobs - lax.broadcast_in_dim(
+      delta, tile, [1 if keys_are_rows else 0]))
+  if tanh is not None:
+    ds = ds * (1.0 - tanh * tanh)
+  return ds
+
+
 def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
                 delta_ref, *refs, p: ForwardParams):
   segment_refs, refs = common.SegmentRefs.split(p, refs)
@@ -153,10 +192,10 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         p, common.QueryRing(
             q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
             lse_ready, delta_ready, ring_free,
-            *((q_ids_ring, q_ids_ready) if p.segments else ())),
+            ids=((segment_refs.q_ids, q_ids_ring, q_ids_ready)
+                 if p.segments else None)),
         q_ref, do_ref, lse_ref, delta_ref, batch=batch, steps=steps,
-        locate=locate, block=BLOCK,
-        q_ids_ref=segment_refs.q_ids if p.segments else None)
+        locate=locate, block=BLOCK)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -191,28 +230,19 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       """P^T from the scores S^T (and tanh of the soft-capped logits)."""
       logits, tanh = _logits(s_t, p)
       lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
-      if p.segments:
-        # Every step waits (barriers track their phase per wait).
-        plgpu.barrier_wait(q_ids_ready.at[slot])
-      if masked:
-        segment_ids = None
-        if p.segments:
-          segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
-                                                 common.COLUMN_IDS))
-        allowed = common.tile_allowed(p, tile, q_block * BLOCK, kv_start,
-                                      q_len, kv_len, keys_are_rows=True,
-                                      segment_ids=segment_ids)
-        probs = jnp.where(allowed, probs, 0.0)
+      probs = _probabilities(
+          logits, lse, p, tile, masked=masked,
+          tile_starts=lambda: (q_block * BLOCK, kv_start), q_len=q_len,
+          kv_len=kv_len, keys_are_rows=True,
+          streamed_ids=((kv_ids, q_ids_ring.at[slot], q_ids_ready.at[slot])
+                        if p.segments else None))
       return probs, tanh
 
     def dscores(probs, tanh, dp_t, slot):
       """dS^T = P^T * (dP^T - D), times tanh' with a soft-cap."""
       delta = plgpu.load(delta_ring.at[slot], layout=column)
-      ds_t = probs * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
-      if tanh is not None:
-        ds_t = ds_t * (1.0 - tanh * tanh)
-      return ds_t.astype(p.dtype)
+      return _dscores(probs, dp_t, delta, tile, keys_are_rows=True,
+                      tanh=tanh).astype(p.dtype)
 
     def step(t, carry, *, masked: bool):
       """Two rounds of products per query block: S^T with dP^T (P^T is
@@ -397,26 +427,17 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(dp_ref, do_tile, v_ring.at[slot].transpose((1, 0)))
         s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
         logits, tanh = _logits(s, p)
-        probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
-        if p.segments:
-          # Every step waits (barriers track their phase per wait).
-          plgpu.barrier_wait(kv_ids_ready.at[slot])
-        if masked:
-          segment_ids = None
-          if p.segments:
-            segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
-                                                  common.COLUMN_IDS))
-          allowed = common.tile_allowed(p, tile, q_start,
-                                        walk.block_of(t) * block_kv, q_len,
-                                        kv_len, segment_ids=segment_ids)
-          probs = jnp.where(allowed, probs, 0.0)
+        probs = _probabilities(
+            logits, lse, p, tile, masked=masked,
+            tile_starts=lambda: (q_start, walk.block_of(t) * block_kv),
+            q_len=q_len, kv_len=kv_len,
+            streamed_ids=((q_ids, kv_ids_ring.at[slot],
+                           kv_ids_ready.at[slot]) if p.segments else None))
         return probs, tanh, dp_ref[...]
       probs, tanh, dp = pl.run_scoped(products, plgpu.ACC(tile, jnp.float32),
                                       plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
-      ds = probs * (dp - lax.broadcast_in_dim(delta, tile, [0]))
-      if tanh is not None:
-        ds = ds * (1.0 - tanh * tanh)
+      ds = _dscores(probs, dp, delta, tile, tanh=tanh)
 
       def dq_update(acc_ref):
         plgpu.wgmma(acc_ref, ds.astype(p.dtype), k_ring.at[slot])

@@ -49,7 +49,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.backward import (
-    BLOCK, _logits, _lse_log2, _smem)
+    BLOCK, _dscores, _logits, _lse_log2, _probabilities, _smem)
 from flash_jax.backends.pallas_mosaic_gpu.forward import (
     CONSUMERS, PRODUCER, ForwardParams)
 from flash_jax.masks import heavy_first
@@ -133,10 +133,10 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         p, common.QueryRing(
             q_ring, do_ring, lse_ring, delta_ring, q_ready, do_ready,
             lse_ready, delta_ready, ring_free,
-            *((q_ids_ring, q_ids_ready) if p.segments else ())),
+            ids=((segment_refs.q_ids, q_ids_ring, q_ids_ready)
+                 if p.segments else None)),
         q_ref, do_ref, lse_ref, delta_ref, batch=batch, steps=steps,
-        locate=locate, block=BLOCK,
-        q_ids_ref=segment_refs.q_ids if p.segments else None)
+        locate=locate, block=BLOCK)
 
   tile = (BLOCK, BLOCK)                # [keys, queries]
   column = plgpu.Layout.WGMMA.reduce(0)
@@ -174,19 +174,12 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       s_t = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
       logits, tanh = _logits(s_t, p)
       lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [1]))
-      if p.segments:
-        # Every step waits (barriers track their phase per wait).
-        plgpu.barrier_wait(q_ids_ready.at[slot])
-      if masked:
-        segment_ids = None
-        if p.segments:
-          segment_ids = (kv_ids, common.load_ids(q_ids_ring.at[slot],
-                                                 common.COLUMN_IDS))
-        allowed = common.tile_allowed(
-            p, tile, q_block * BLOCK, kv_start, q_len, kv_len,
-            keys_are_rows=True, segment_ids=segment_ids)
-        probs = jnp.where(allowed, probs, 0.0)
+      probs = _probabilities(
+          logits, lse, p, tile, masked=masked,
+          tile_starts=lambda: (q_block * BLOCK, kv_start), q_len=q_len,
+          kv_len=kv_len, keys_are_rows=True,
+          streamed_ids=((kv_ids, q_ids_ring.at[slot], q_ids_ready.at[slot])
+                        if p.segments else None))
       _hand_over(t, _handed_probs(probs, tanh), probs_smem, probs_ready,
                  probs_free)
       plgpu.barrier_wait(do_ready.at[slot])
@@ -222,7 +215,7 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       handed = _take_over(probs_smem, probs_ready, probs_free)
       plgpu.barrier_wait(delta_ready.at[slot])
       delta = plgpu.load(delta_ring.at[slot], layout=column)
-      ds_t = handed * (dp_t - lax.broadcast_in_dim(delta, tile, [1]))
+      ds_t = _dscores(handed, dp_t, delta, tile, keys_are_rows=True)
       plgpu.barrier_wait(q_ready.at[slot])
 
       def dk_update(dk_ref):
@@ -299,19 +292,12 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         return s_ref[...]
       s = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
       logits, tanh = _logits(s, p)
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(lse, tile, [0]))
-      if p.segments:
-        # Every step waits (barriers track their phase per wait).
-        plgpu.barrier_wait(kv_ids_ready.at[slot])
-      if masked:
-        segment_ids = None
-        if p.segments:
-          segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
-                                                common.COLUMN_IDS))
-        allowed = common.tile_allowed(p, tile, q_start,
-                                      walk.block_of(t) * BLOCK, q_len,
-                                      kv_len, segment_ids=segment_ids)
-        probs = jnp.where(allowed, probs, 0.0)
+      probs = _probabilities(
+          logits, lse, p, tile, masked=masked,
+          tile_starts=lambda: (q_start, walk.block_of(t) * BLOCK),
+          q_len=q_len, kv_len=kv_len,
+          streamed_ids=((q_ids, kv_ids_ring.at[slot], kv_ids_ready.at[slot])
+                        if p.segments else None))
       plgpu.barrier_arrive(k_free.at[slot])   # K (and its ids) read
       _hand_over(t, _handed_probs(probs, tanh), probs_smem, probs_ready,
                  probs_free)
@@ -337,7 +323,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
       dp = pl.run_scoped(dprobs, plgpu.ACC(tile, jnp.float32))
       plgpu.barrier_arrive(v_free.at[slot])
       handed = _take_over(probs_smem, probs_ready, probs_free)
-      ds = handed * (dp - lax.broadcast_in_dim(delta, tile, [0]))
+      ds = _dscores(handed, dp, delta, tile)
       plgpu.barrier_wait(k_ready.at[slot])
 
       def dq_update(dq_ref):

@@ -237,9 +237,10 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
 @dataclasses.dataclass(frozen=True)
 class QueryRing:
   """The shared-memory ring a key-major (dK/dV) kernel streams query blocks
-  through: Q, dO, lse and D per slot (``ids``: the blocks' query segment
-  ids, with segment ids), each with its "ready" barriers, and one "free"
-  barrier per slot that every consumer arrives on."""
+  through: Q, dO, lse and D per slot, each with its "ready" barriers, and
+  one "free" barrier per slot that every consumer arrives on. ``ids``, with
+  segment ids, is ``(ids_ref, ids_ring, ids_ready)``, as in `stream_kv`:
+  the query ids in global memory, and their ring and barriers."""
 
   q: Any
   dout: Any
@@ -250,20 +251,16 @@ class QueryRing:
   lse_ready: Any
   delta_ready: Any
   free: Any
-  ids: Any = None
-  ids_ready: Any = None
+  ids: tuple | None = None
 
 
 def stream_query_blocks(p, ring: QueryRing, q_ref, do_ref, lse_ref, delta_ref,
-                        *, batch, steps, locate, block: int,
-                        q_ids_ref=None):
+                        *, batch, steps, locate, block: int):
   """The producer warpgroup of a key-major kernel: for step ``t`` < ``steps``
   copies query block ``locate(t) = (head, block index)`` (``block`` rows)
   of Q, lse, its segment ids, dO and D into ring slot ``t % p.stages``,
   once every consumer has released the slot. The order is the order of
   use: S needs Q, P needs lse (and the ids), dP needs dO, dS needs D."""
-  # Ids need both their source and their ring, or a consumer waits forever.
-  assert (q_ids_ref is None) == (ring.ids is None)
   plgpu.set_max_registers(40, action="decrease")
 
   @pl.loop(0, steps)
@@ -279,9 +276,10 @@ def stream_query_blocks(p, ring: QueryRing, q_ref, do_ref, lse_ref, delta_ref,
                             ring.q_ready.at[slot])
     plgpu.copy_gmem_to_smem(lse_ref.at[batch, head, rows],
                             ring.lse.at[slot], ring.lse_ready.at[slot])
-    if q_ids_ref is not None:
-      plgpu.copy_gmem_to_smem(q_ids_ref.at[batch, rows], ring.ids.at[slot],
-                              ring.ids_ready.at[slot])
+    if ring.ids is not None:
+      ids_ref, ids_ring, ids_ready = ring.ids
+      plgpu.copy_gmem_to_smem(ids_ref.at[batch, rows], ids_ring.at[slot],
+                              ids_ready.at[slot])
     plgpu.copy_gmem_to_smem(do_ref.at[batch, rows, head], ring.dout.at[slot],
                             ring.dout_ready.at[slot])
     plgpu.copy_gmem_to_smem(delta_ref.at[batch, head, rows],
