@@ -480,8 +480,6 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
 
   operands = (q_lengths, kv_lengths, query, key, value, dout, lse, delta)
-  ids_scratch = lambda: [plgpu.SMEM((stages, BLOCK), jnp.int32),  # ids ring
-                         plgpu.Barrier(num_barriers=stages)]      # landed
   dkv_scratch = [
       _smem(p, CONSUMERS * BLOCK, p.head_dim),         # K
       _smem(p, CONSUMERS, BLOCK, p.head_dim),          # V
@@ -512,8 +510,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
     # session 8.)
     dq_acc = jax.new_ref(jnp.zeros(query.shape, jnp.float32))
     dkv_operands += (dq_acc,)
-  if p.segments:
-    dkv_scratch += ids_scratch()
+  dkv_scratch += common.ids_scratch(p, BLOCK)
   dk, dv = kernel(
       functools.partial(_dkv_kernel, p=p),
       out_type=varying_like([jax.ShapeDtypeStruct(key.shape, key.dtype),
@@ -542,7 +539,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_barriers=stages),              # V landed
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
-      ] + (ids_scratch() if p.segments else []),
+      ] + common.ids_scratch(p, BLOCK),
       **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
   )(*operands, *dq_segments)
   return dq, dk, dv

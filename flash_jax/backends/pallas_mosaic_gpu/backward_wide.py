@@ -351,8 +351,6 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   stages = p.stages
   vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
   operands = (q_lengths, kv_lengths, query, key, value, dout, lse, delta)
-  ids_scratch = lambda: [plgpu.SMEM((stages, BLOCK), jnp.int32),  # ids ring
-                         plgpu.Barrier(num_barriers=stages)]      # landed
   hand_over_scratch = lambda: [_tile_smem(),               # the tile
                                plgpu.Barrier(),            # written
                                plgpu.Barrier()]            # loaded
@@ -375,7 +373,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_barriers=stages),          # D landed
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # free
           *hand_over_scratch(),                        # P^T
-      ] + (ids_scratch() if p.segments else []),
+      ] + common.ids_scratch(p, BLOCK),
       **common.sequence_major_grid(p, pl.cdiv(p.kv_seq, BLOCK), "kv",
                                    p.num_kv_heads),
   )(*operands, *dkv_segments)
@@ -396,7 +394,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_barriers=stages),          # V free (dP only)
           *hand_over_scratch(),                        # P
-      ] + (ids_scratch() if p.segments else []),
+      ] + common.ids_scratch(p, BLOCK),
       **common.sequence_major_grid(p, _num_q_tiles(p), "q", p.num_heads),
   )(*operands, *dq_segments)
   return dq, dk, dv

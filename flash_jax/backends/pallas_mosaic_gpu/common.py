@@ -135,6 +135,16 @@ class SegmentRefs:
     return cls(*refs[:4]), refs[4:]
 
 
+def ids_scratch(p, block: int) -> list:
+  """The scratch of a streamed ids ring (with segment ids; none without):
+  int32 ids of ``block`` rows per slot, and one "landed" barrier per slot.
+  A kernel's refs end with them (`SegmentRefs` splits off its inputs)."""
+  if not p.segments:
+    return []
+  return [plgpu.SMEM((p.stages, block), jnp.int32),
+          plgpu.Barrier(num_barriers=p.stages)]
+
+
 def segment_operands(q_ids, kv_ids, lists) -> tuple:
   """The kernel operands `SegmentRefs.split` takes apart."""
   return (q_ids, kv_ids, lists.blocks, lists.counts)

@@ -284,9 +284,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
       plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
   ]
-  if p.segments:
-    scratch += [plgpu.SMEM((p.stages, p.block_kv), jnp.int32),  # key ids
-                plgpu.Barrier(num_barriers=p.stages)]          # ids landed
+  scratch += common.ids_scratch(p, p.block_kv)                 # key ids
   out_type = [
       jax.ShapeDtypeStruct((p.batch, p.q_seq, p.num_heads, p.head_dim),
                            p.dtype),
