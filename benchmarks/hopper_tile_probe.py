@@ -10,8 +10,10 @@ benchmark row).
 
 A case is as in `benchmarks/schedule_probe.py` (``T`` or ``Tc``, ``/H`` for
 head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
-``BLOCK_KVxSTAGES`` with an optional ``xP`` (ping-pong on) or ``xN`` (off);
-without it the backend's default ping-pong choice stays. The first tile
+``BLOCK_KVxSTAGES`` with an optional ``xP`` (ping-pong on) or ``xN`` (off),
+without which the backend's default ping-pong choice stays, and an optional
+``xC<ctas>`` (a persistent grid of that many CTAs, `ForwardParams.persistent`;
+``xC0``: one CTA per tile). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -42,13 +44,18 @@ SHIPPED_FORWARD = pallas_mosaic_gpu._forward.forward
 
 
 def parse_tile(spec: str) -> dict:
-  """``"192x2xP"`` -> ``{"block_kv": 192, "stages": 2, "ping_pong": True}``."""
+  """``"192x2xP"`` -> ``{"block_kv": 192, "stages": 2, "ping_pong": True}``;
+  ``"128x3xC132"`` -> ``{"block_kv": 128, "stages": 3, "persistent": 132}``."""
   parts = spec.split("x")
   fields = {"block_kv": int(parts[0]), "stages": int(parts[1])}
-  if len(parts) > 2:
-    if parts[2] not in ("P", "N"):
-      raise ValueError(f"tile {spec!r}: the third field is P or N")
-    fields["ping_pong"] = parts[2] == "P"
+  for part in parts[2:]:
+    if part in ("P", "N"):
+      fields["ping_pong"] = part == "P"
+    elif part[:1] == "C" and part[1:].isdigit():
+      fields["persistent"] = int(part[1:])
+    else:
+      raise ValueError(f"tile {spec!r}: a field after the second is P, N "
+                       "or C<ctas>")
   return fields
 
 

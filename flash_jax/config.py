@@ -18,6 +18,10 @@ def _is_power_of_two(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 
 
+# BlockSizes fields that pick a Hopper kernel schedule rather than a tile.
+SCHEDULE_FIELDS = ("ping_pong", "persistent")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tiling overrides for the Pallas kernels. Tuning only: no semantics.
@@ -41,9 +45,18 @@ class BlockSizes:
       ping-pong schedule), so one's softmax overlaps the other's matrix
       products. None (the default) turns it on for head dims padded to 128,
       where it measured faster on an H100, and off for 64 and 256, where
-      it did not. The Hopper backend takes no other field: given one, it
-      declines the call (falling through to the Triton backend, whose
-      tiling the fields describe).
+      it did not.
+    persistent: the Hopper backend's forward only: a persistent grid of
+      about one CTA per SM, each CTA walking its share of the query tiles
+      and streaming keys and values without a break between them (and
+      loading its next tile's queries ahead at head dims up to 128). None
+      (the default) lets the backend choose (see
+      ``flash_jax.backends.pallas_mosaic_gpu.persistent_forward``). Results
+      are bitwise the same either way.
+
+  The Hopper backend takes no field but ``ping_pong`` and ``persistent``:
+  given another, it declines the call (falling through to the Triton
+  backend, whose tiling the fields describe).
 
   Tiles that cannot fit the GPU's shared memory (estimated ahead of time)
   raise ValueError when the call is traced, not a compile error later.
@@ -64,15 +77,17 @@ class BlockSizes:
   num_warps_dq: int | None = None
   num_stages_dq: int | None = None
   ping_pong: bool | None = None
+  persistent: bool | None = None
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if value is None:
         continue
-      if field.name == "ping_pong":
+      if field.name in SCHEDULE_FIELDS:
         if not isinstance(value, bool):
-          raise ValueError(f"BlockSizes.ping_pong must be a bool, got {value!r}")
+          raise ValueError(
+              f"BlockSizes.{field.name} must be a bool, got {value!r}")
         continue
       if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(

@@ -21,6 +21,16 @@ def compute_capability() -> tuple[int, int] | None:
   return int(major), int(minor)
 
 
+def sm_count(default: int = 132) -> int:
+  """Streaming multiprocessors of the default device if it is a GPU, else
+  ``default`` (an H100 SXM's 132: kernels lowered on a CPU for an abstract
+  H100)."""
+  device = default_device()
+  count = getattr(device, "core_count", None) if device.platform == "gpu" \
+      else None
+  return int(count) if count else default
+
+
 def triton_gpu_unsupported_reason() -> str | None:
   """Why compiled Triton kernels cannot run here, or None if they can."""
   cc = compute_capability()

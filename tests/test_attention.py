@@ -163,6 +163,50 @@ class TestPallasMosaicGpu(AttentionTestBase):
     assert "xla.gpu.triton" not in text
     self.check_against_reference(q, k, v, do, **semantics)
 
+  @pytest.mark.parametrize("case, semantics, sm_count", [
+      (Case(4, 1023, 1024, 8, 2, 64, 64, True, "bfloat16"), {}, 132),
+      (Case(4, 1023, 1024, 8, 2, 64, 64, True, "float16"), {}, 7),
+      (Case(3, 200, 300, 4, 2, 128, 128, True, "bfloat16"),
+       dict(causal_alignment="bottom_right", query_seq_lengths=(200, 61, 0),
+            key_value_seq_lengths=(0, 300, 9)), 5),
+      (Case(2, 517, 700, 6, 2, 40, 40, True, "bfloat16"),
+       dict(logits_soft_cap=30.0, local_window_size=(90, 10)), 3),
+      (Case(2, 640, 640, 4, 4, 128, 128, True, "bfloat16"),
+       dict(segments=True), 6),
+      (Case(2, 97, 113, 4, 1, 256, 256, False, "bfloat16"), {}, 5),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else (
+      "-".join(x) or "plain") if isinstance(x, dict) else f"sms={x}")
+  def test_persistent_forward_is_bitwise_the_per_tile_forward(
+      self, rng, monkeypatch, case, semantics, sm_count):
+    """A persistent forward grid (`BlockSizes.persistent`; its CTAs each
+    take many tiles when the SM count is patched low) forms every tile
+    with the same arithmetic as one CTA per tile: same bits, no NaN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    q, k, v, _ = draw_inputs(rng, case)
+    semantics = {name: jnp.array(x) if isinstance(x, tuple) else x
+                 for name, x in semantics.items()}
+    if semantics.pop("segments", False):
+      ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
+                                  batch=case.batch)
+      semantics.update(query_segment_ids=ids, kv_segment_ids=ids)
+    monkeypatch.setattr(flash_jax.platform, "sm_count",
+                        lambda default=132: sm_count)
+
+    def run(persistent):
+      jax.clear_caches()
+      attend = jax.jit(lambda q, k, v: self.attend(
+          q, k, v, is_causal=case.is_causal, return_residual=True,
+          block_sizes=flash_jax.BlockSizes(persistent=persistent),
+          **semantics))
+      assert "xla.gpu.triton" not in attend.lower(q, k, v).as_text()
+      return [np.asarray(x.astype(jnp.float32)) for x in attend(q, k, v)]
+    per_tile, persistent = run(False), run(True)
+    assert not np.isnan(persistent[0]).any()
+    for a, b in zip(per_tile, persistent):
+      np.testing.assert_array_equal(a, b)
+
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp
     q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,

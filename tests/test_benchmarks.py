@@ -423,7 +423,9 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   assert probe.parse_tile("192x2xP") == {"block_kv": 192, "stages": 2,
                                          "ping_pong": True}
   assert probe.parse_tile("128x3") == {"block_kv": 128, "stages": 3}
-  with pytest.raises(ValueError, match="P or N"):
+  assert probe.parse_tile("128x2xNxC132") == {
+      "block_kv": 128, "stages": 2, "ping_pong": False, "persistent": 132}
+  with pytest.raises(ValueError, match="P, N or C"):
     probe.parse_tile("128x3xQ")
 
   @dataclasses.dataclass(frozen=True)

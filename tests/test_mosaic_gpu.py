@@ -297,6 +297,59 @@ def test_grids_launch_one_heads_tiles_together_and_split_wide_heads():
   assert not backward._splits_dq_columns(_params(head_dim=64))
 
 
+@pytest.mark.parametrize("batch, heads, q_seq, sms", [
+    (2, 3, 512, 7), (1, 2, 300, 132), (3, 5, 1000, 8), (1, 1, 100, 4)])
+def test_persistent_grid_deals_every_tile_once_in_rotation(batch, heads,
+                                                            q_seq, sms):
+  """A persistent forward grid takes every (batch, head, query tile) item
+  exactly once, and a CTA count coprime with the tiles per head moves each
+  CTA's tile index every round, so a CTA with as many items as a head has
+  tiles meets each tile index once (long and short causal tiles alike)."""
+  forward = mosaic._forward   # the module (mosaic.forward is the backend's)
+  tiles = -(-q_seq // (CONSUMERS * BLOCK_Q))
+  ctas = mosaic.persistent_ctas(sms, tiles)
+  assert ctas <= sms and np.gcd(ctas, tiles) == 1
+  assert all(np.gcd(n, tiles) > 1 for n in range(ctas + 1, sms + 1))
+  p = _params(batch=batch, num_heads=heads, num_kv_heads=heads, q_seq=q_seq,
+              persistent=ctas)
+  grid = forward.persistent_grid_size(p)
+  assert grid == min(ctas, batch * heads * tiles)
+  taken = []
+  for cta in range(grid):
+    mine = [tuple(int(x) for x in forward.persistent_item(p, cta, i))
+            for i in range(int(forward.persistent_item_count(p, cta)))]
+    taken += mine
+    if len(mine) >= tiles:
+      assert {q for _, _, q in mine[:tiles]} == set(range(tiles))
+  assert sorted(taken) == [(b, n, q) for b in range(batch)
+                           for n in range(heads) for q in range(tiles)]
+
+
+def test_persistent_forward_default_rule():
+  """`BlockSizes.persistent` decides when given; by default the persistent
+  grid is taken up to head dim 128, and with tiles of unequal length
+  (causal, window, segment ids) only where every CTA meets every tile
+  index (`persistent_forward`'s measurements)."""
+  from flash_jax.config import AttentionConfig, BlockSizes
+  config = lambda block_sizes=None: AttentionConfig(
+      mask=MaskSpec(), scale=0.1, implementation="pallas_mosaic_gpu",
+      block_sizes=block_sizes)
+  rule = lambda **kw: mosaic.persistent_forward(config(), _params(**kw))
+  short = dict(batch=32, num_heads=32, num_kv_heads=32, q_seq=512,
+               kv_seq=512, head_dim=64)
+  assert rule(**short, mask=MaskSpec()) and rule(**short)   # causal too
+  long_causal = dict(batch=4, num_heads=16, num_kv_heads=16, q_seq=4096,
+                     kv_seq=4096)
+  assert not rule(**long_causal)
+  assert not rule(**long_causal, mask=MaskSpec(window_left=512))
+  assert not rule(**long_causal, mask=MaskSpec(), segments=True)
+  assert rule(**long_causal, mask=MaskSpec())
+  assert not rule(**long_causal, mask=MaskSpec(), head_dim=256)
+  for chosen in (True, False):
+    assert mosaic.persistent_forward(config(BlockSizes(persistent=chosen)),
+                                     _params(**long_causal)) is chosen
+
+
 def test_exp2_tanh_matches_tanh():
   """The soft-cap's tanh (built from exp2 so that approx math keeps it
   accurate) against jnp.tanh, including saturation."""

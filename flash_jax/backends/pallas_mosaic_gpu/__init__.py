@@ -28,6 +28,7 @@ blocks between documents are never loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
@@ -37,7 +38,7 @@ from flash_jax.backends.pallas_mosaic_gpu import (
     backward_wide as _backward_wide)
 from flash_jax.backends.pallas_mosaic_gpu import common as _common
 from flash_jax.backends.pallas_mosaic_gpu import forward as _forward
-from flash_jax.config import AttentionConfig
+from flash_jax.config import SCHEDULE_FIELDS, AttentionConfig
 from flash_jax.masks import MaskArrays
 
 NAME = "pallas_mosaic_gpu"
@@ -50,11 +51,12 @@ def _padded_head_dim(head_dim: int) -> int:
 
 def _triton_tiling_fields(config: AttentionConfig) -> list[str]:
   """The `BlockSizes` fields set in the call that this backend cannot honour
-  (all but ``ping_pong``: they describe the Triton kernels' tiling)."""
+  (all but the schedule fields, ``ping_pong`` and ``persistent``: they
+  describe the Triton kernels' tiling)."""
   if config.block_sizes is None:
     return []
   return [f.name for f in dataclasses.fields(config.block_sizes)
-          if f.name != "ping_pong"
+          if f.name not in SCHEDULE_FIELDS
           and getattr(config.block_sizes, f.name) is not None]
 
 
@@ -104,6 +106,53 @@ def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
   if chosen is None:
     return padded_head_dim in PING_PONG_HEAD_DIMS
   return chosen
+
+
+def persistent_ctas(sm_count: int, tiles_per_head: int) -> int:
+  """The CTAs of a persistent forward grid: the most, up to one per SM, that
+  share no factor with the query tiles per head. The grid's items are
+  ordered (batch, head, query tile) and dealt round-robin, so CTA ``c``
+  takes item ``c + i * ctas`` in its round ``i``; with a coprime count
+  its tile index moves on every round and it meets long and short causal
+  tiles alike (132 CTAs and 4 tiles per head would give each CTA one
+  tile index for good: every longest tile to the same CTAs)."""
+  return next(ctas for ctas in range(sm_count, 0, -1)
+              if math.gcd(ctas, tiles_per_head) == 1)
+
+
+def persistent_forward(config: AttentionConfig, p) -> bool:
+  """Whether the forward runs a persistent grid: `BlockSizes.persistent`,
+  else where it measured faster on an H100 (2026-11-27, session 14,
+  `benchmarks/hopper_tile_probe.py`, forward against cuDNN, one CTA per
+  tile -> persistent):
+
+  * head dim 64, B=32 T=512 N=32: 0.84x -> 1.04x, causal 0.81x -> 1.05x
+    (per-tile prologues and epilogues dominate short tiles);
+  * head dim 128, T=4k and 16k: 0.99x -> 1.01x;
+  * head dim 64, T=4k: 0.86x -> 0.86x, causal 0.88x -> 0.90x;
+  * causal head dim 128: 1.03x -> 0.96x at 4k and 1.12x -> 0.73x at 16k,
+    where a CTA's 15-16 tiles cover too few of a head's 32-128 tile
+    indices to even out their lengths (one CTA per tile lets the GPU
+    start the next tile wherever one ends);
+  * head dim 256: 0.94x -> 0.91x, causal 0.98x -> 0.79x (one Q buffer
+    per consumer: shared memory leaves no room to load the next tile's Q
+    ahead).
+
+  So by default: head dims up to 128, and with a mask whose tiles differ in
+  length (causal, window, segment ids) only if every CTA takes at least as
+  many tiles as a head has, so that it meets every tile index
+  (`persistent_ctas`)."""
+  chosen = config.block_sizes.persistent if config.block_sizes else None
+  if chosen is not None:
+    return chosen
+  if p.head_dim > 128:
+    return False
+  spec = p.mask
+  uneven = (spec.is_causal or spec.window_left is not None
+            or spec.window_right is not None or p.segments)
+  items = p.batch * p.num_heads * p.num_q_tiles
+  ctas = persistent_ctas(platform.sm_count(), p.num_q_tiles)
+  return not uneven or items >= ctas * p.num_q_tiles
 
 
 def _params(config: AttentionConfig, query, key, arrays):
@@ -180,6 +229,9 @@ def forward(config: AttentionConfig, query, key, value, bias, arrays):
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   # The kernel sees the padded lengths; the mask keeps the true ones.
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
+  if persistent_forward(config, p):
+    p = dataclasses.replace(p, persistent=persistent_ctas(
+        platform.sm_count(), p.num_q_tiles))
   q_lengths = _lengths(arrays.q_lengths, batch, q_seq)
   kv_lengths = _lengths(arrays.kv_lengths, batch, kv_seq)
   segments = ()

@@ -382,6 +382,7 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
   @pl.when(wg == PRODUCER)
   def _producer():
+    plgpu.set_max_registers(40, action="decrease")
     common.stream_kv(
         p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free, v_free,
         batch=batch, head=head, walk=walk, block_kv=block_kv,

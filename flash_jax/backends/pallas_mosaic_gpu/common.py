@@ -213,26 +213,30 @@ def load_ids(ids_ref, layout, *, from_global: bool = False):
 
 def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
               v_free, *, batch, head, walk: Walk, block_kv: int,
-              kv_ids=None):
-  """The producer warpgroup of a query-major kernel: TMA copies of the key
-  and value blocks of ``walk`` into a ``p.stages``-slot ring. A slot is
-  reused only after both consumers released it (its "free" barrier), K and
-  V separately so K can land while V is still read.
+              kv_ids=None, first_step=0):
+  """The producer warpgroup's copies for a query-major kernel: TMA copies of
+  the key and value blocks of ``walk`` into a ``p.stages``-slot ring. A slot
+  is reused only after both consumers released it (its "free" barrier), K
+  and V separately so K can land while V is still read. ``first_step`` is
+  the ring's step count before this walk (a persistent CTA's ring runs on
+  across its tiles): step ``first_step + t`` uses slot ``(first_step + t) %
+  p.stages``.
 
   ``kv_ids``, with segment ids, is ``(ids_ref, ids_ring, ids_ready)``: the
   blocks' key segment ids ride with K, in the slot that K's "free" barrier
   guards, so consumers must read them before they release K."""
-  plgpu.set_max_registers(40, action="decrease")
   kv_head = lax.div(head, jnp.int32(p.groups))
 
   @pl.loop(0, walk.steps)
   def _(t):
-    slot = lax.rem(t, jnp.int32(p.stages))
+    ring_step = t if isinstance(first_step, int) and not first_step else \
+        first_step + t
+    slot = lax.rem(ring_step, jnp.int32(p.stages))
     start = walk.block_of(t) * block_kv
     rows = pl.ds(start, block_kv)
     for src, ring, ready, free in ((k_ref, k_ring, k_ready, k_free),
                                    (v_ref, v_ring, v_ready, v_free)):
-      @pl.when(t >= p.stages)
+      @pl.when(ring_step >= p.stages)
       def _():
         plgpu.barrier_wait(free.at[slot])
       plgpu.copy_gmem_to_smem(src.at[batch, rows, kv_head], ring.at[slot],

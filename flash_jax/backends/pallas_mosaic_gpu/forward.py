@@ -76,6 +76,7 @@ class ForwardParams:
   block_kv: int
   stages: int
   ping_pong: bool = False   # consumers take turns on the tensor cores
+  persistent: int = 0       # CTAs of a persistent grid (0: one per tile)
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
   seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
   segments: bool = False    # segment ids: walks block-map lists
@@ -92,6 +93,13 @@ class ForwardParams:
   def num_q_tiles(self) -> int:
     """Query tiles of ``rows_per_cta`` rows: a query-major grid's size."""
     return -(-self.q_seq // self.rows_per_cta)
+
+  @property
+  def q_buffers(self) -> int:
+    """Q/O buffers per consumer: a persistent CTA loads the next tile's Q
+    while it works on this one where shared memory allows (not at head dim
+    256: 2 x 64 KiB of Q beside the K/V ring is too much)."""
+    return 2 if self.persistent and self.head_dim <= 128 else 1
 
   def q_tile_of(self, program):
     """The query tile a CTA owns: the last first
@@ -128,137 +136,235 @@ def _row_vector_of(tile_condition):
   return jnp.max(jnp.where(tile_condition, 1.0, 0.0), axis=1) > 0.5
 
 
+def persistent_grid_size(p: ForwardParams) -> int:
+  """CTAs of a persistent grid: ``p.persistent``, or fewer with fewer
+  items (one per (batch, head, query tile))."""
+  return min(p.persistent, p.batch * p.num_heads * p.num_q_tiles)
+
+
+def persistent_item_count(p: ForwardParams, cta):
+  """How many items persistent CTA ``cta`` takes: items are dealt
+  round-robin, item ``cta + i * grid size`` in its round ``i``."""
+  items = p.batch * p.num_heads * p.num_q_tiles
+  return lax.div(items - 1 - cta, persistent_grid_size(p)) + 1
+
+
+def persistent_item(p: ForwardParams, cta, i):
+  """``(batch, head, query program)`` of persistent CTA ``cta``'s item
+  ``i``, in the grid's order: query tiles of a head fastest, so the CTAs
+  at work at any time share a few heads' K/V in L2, as the CTAs of the
+  plain grid do (`common.sequence_major_grid`)."""
+  flat = cta + i * persistent_grid_size(p)
+  return (lax.div(flat, p.num_heads * p.num_q_tiles),
+          lax.rem(lax.div(flat, p.num_q_tiles), p.num_heads),
+          lax.rem(flat, p.num_q_tiles))
+
+
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
                     p: ForwardParams):
   segment_refs, refs = common.SegmentRefs.split(p, refs)
   (out_ref, lse_ref, qo_smem, k_smem, v_smem, lse_smem, q_ready, k_ready,
    v_ready, k_free, v_free, schedule, *ids_scratch) = refs
-  batch = lax.axis_index("batch")
-  head = lax.axis_index("heads")
   wg = lax.axis_index("wg")
   block_kv, stages = p.block_kv, p.stages
-  q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
-  q_tile = p.q_tile_of(lax.axis_index("q"))
-  cta_start = q_tile * p.rows_per_cta
-  walk = common.query_major_walk(p, segment_refs, batch, q_tile, q_len,
-                                 kv_len, block_kv)
-  steps = walk.steps
   if p.segments:
     kv_ids_ring, kv_ids_ready = ids_scratch
 
+  # A CTA's work: one (batch, head, query tile) item, or with `persistent`
+  # its share of them (`persistent_item`).
+  if p.persistent:
+    cta = lax.axis_index("cta")
+    num_items = persistent_item_count(p, cta)
+    coords = functools.partial(persistent_item, p, cta)
+
+    def over_items(body, carry):
+      return lax.fori_loop(0, num_items,
+                           lambda i, c: body(i, coords(i), c), carry)
+  else:
+    def over_items(body, carry):
+      return body(0, (lax.axis_index("batch"), lax.axis_index("heads"),
+                      lax.axis_index("q")), carry)
+
+  def item_walk(batch, q_program):
+    """``(q_len, kv_len, first row of the CTA's tile, walk)``."""
+    q_len, kv_len = common.clipped_lengths(p, q_len_ref, kv_len_ref, batch)
+    q_tile = p.q_tile_of(q_program)
+    walk = common.query_major_walk(p, segment_refs, batch, q_tile, q_len,
+                                   kv_len, block_kv)
+    return q_len, kv_len, q_tile * p.rows_per_cta, walk
+
   @pl.when(wg == PRODUCER)
   def _producer():
-    common.stream_kv(
-        p, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-        batch=batch, head=head, walk=walk, block_kv=block_kv,
-        kv_ids=((segment_refs.kv_ids, kv_ids_ring, kv_ids_ready)
-                if p.segments else None))
+    plgpu.set_max_registers(40, action="decrease")
+
+    def produce(i, item, first_step):
+      batch, head, q_program = item
+      walk = item_walk(batch, q_program)[-1]
+      common.stream_kv(
+          p, k_ref, v_ref, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+          batch=batch, head=head, walk=walk, block_kv=block_kv,
+          kv_ids=((segment_refs.kv_ids, kv_ids_ring, kv_ids_ready)
+                  if p.segments else None), first_step=first_step)
+      return first_step + walk.steps if p.persistent else None
+    # The ring runs on across items: step t of the CTA uses slot t % stages.
+    over_items(produce, jnp.int32(0) if p.persistent else 0)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
     plgpu.set_max_registers(232, action="increase")
-    q_start = cta_start + wg * BLOCK_Q
-    qo = qo_smem.at[wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, BLOCK_Q), head], qo,
-                            q_ready.at[wg])
-    plgpu.barrier_wait(q_ready.at[wg])
 
-    first_full, end_full = common.phase_steps(
-        walk, lambda: p.mask.kv_block_range(q_start, q_start + BLOCK_Q,
-                                            q_len, kv_len, block_kv))
-    tile = (BLOCK_Q, block_kv)
-    if p.segments:
-      q_ids = common.load_ids(
-          segment_refs.q_ids.at[batch, pl.ds(q_start, BLOCK_Q)],
-          common.ROW_IDS, from_global=True)
+    def q_buffer(i):
+      return lax.rem(i, p.q_buffers) if p.q_buffers > 1 else 0
 
-    def hand_over():
-      """Both consumers meet here: the tensor cores change hands."""
-      plgpu.barrier_arrive(schedule)
-      plgpu.barrier_wait(schedule)
+    # This consumer's Q/O buffer, lse buffer and Q barrier.
+    if p.persistent:
+      qo_of = lambda buffer: qo_smem.at[buffer, wg]
+      lse_of = lambda buffer: lse_smem.at[buffer, wg]
+      q_landed = lambda buffer: q_ready.at[buffer * CONSUMERS + wg]
+    else:
+      qo_of = lambda _: qo_smem.at[wg]
+      lse_of = lambda _: lse_smem.at[wg]
+      q_landed = lambda _: q_ready.at[wg]
 
-    def step(t, carry, *, masked: bool):
-      acc, m_prev, l_prev = carry
-      slot = lax.rem(t, jnp.int32(stages))
-      plgpu.barrier_wait(k_ready.at[slot])
+    def load_q(item, buffer):
+      batch, head, q_program = item
+      q_start = p.q_tile_of(q_program) * p.rows_per_cta + wg * BLOCK_Q
+      plgpu.copy_gmem_to_smem(q_ref.at[batch, pl.ds(q_start, BLOCK_Q), head],
+                              qo_of(buffer), q_landed(buffer))
+
+    if p.q_buffers > 1:
+      load_q(coords(0), 0)   # later items' Q are loaded one item ahead
+
+    def consume(i, item, first_step):
+      batch, head, _ = item
+      q_len, kv_len, cta_start, walk = item_walk(batch, item[2])
+      buffer = q_buffer(i)
+      if p.persistent and p.q_buffers == 1:
+        # This item's Q overwrites the last item's O: wait until it is read.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if p.q_buffers == 1:
+        load_q(item, buffer)
+      plgpu.barrier_wait(q_landed(buffer))
+      if p.q_buffers > 1:
+        @pl.when(i + 1 < num_items)
+        def _():
+          # The next item's Q goes where the last item's O was stored from.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_q(coords(i + 1), q_buffer(i + 1))
+      q_start = cta_start + wg * BLOCK_Q
+      qo, lse_out = qo_of(buffer), lse_of(buffer)
+      steps = walk.steps
+      slot_of = ((lambda t: lax.rem(first_step + t, jnp.int32(stages)))
+                 if p.persistent else
+                 (lambda t: lax.rem(t, jnp.int32(stages))))
+
+      first_full, end_full = common.phase_steps(
+          walk, lambda: p.mask.kv_block_range(q_start, q_start + BLOCK_Q,
+                                              q_len, kv_len, block_kv))
+      tile = (BLOCK_Q, block_kv)
       if p.segments:
-        # Every step waits (barriers track their phase per wait).
-        plgpu.barrier_wait(kv_ids_ready.at[slot])
+        q_ids = common.load_ids(
+            segment_refs.q_ids.at[batch, pl.ds(q_start, BLOCK_Q)],
+            common.ROW_IDS, from_global=True)
 
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+      def hand_over():
+        """Both consumers meet here: the tensor cores change hands."""
+        plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+
+      def step(t, carry, *, masked: bool):
+        acc, m_prev, l_prev = carry
+        slot = slot_of(t)
+        plgpu.barrier_wait(k_ready.at[slot])
+        if p.segments:
+          # Every step waits (barriers track their phase per wait).
+          plgpu.barrier_wait(kv_ids_ready.at[slot])
+
+        def qk(acc_ref):
+          plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
+          if p.ping_pong:
+            hand_over()   # issued; the other consumer's softmax may start
+          return acc_ref[...]
+        s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
+        segment_ids = None
+        if p.segments and masked:   # read before K's slot is released
+          segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
+                                                common.COLUMN_IDS))
+        plgpu.barrier_arrive(k_free.at[slot])
+        # With folds_scale, logits stay raw scores until the exponent.
+        logits = s if p.folds_scale else _scaled_logits(s, p)
+        if masked:
+          allowed = common.tile_allowed(p, tile, q_start,
+                                        walk.block_of(t) * block_kv, q_len,
+                                        kv_len, segment_ids=segment_ids)
+          logits = jnp.where(allowed, logits, -jnp.inf)
+        row_max = jnp.max(logits, axis=1)
+        if p.folds_scale:
+          row_max = row_max * (p.scale * LOG2_E)
+          logits = logits * (p.scale * LOG2_E)
+        m_next = jnp.maximum(m_prev, row_max)
+        # Rows with nothing attended yet keep m = -inf; shift them by 0 so
+        # exp2 gives 0, not NaN.
+        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else \
+            m_next
+        correction = jnp.exp2(m_prev - m_shift)
+        probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, tile, [0]))
+        l_next = l_prev * correction + jnp.sum(probs, axis=1)
+        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        probs = probs.astype(p.dtype)
         if p.ping_pong:
-          hand_over()   # issued; the other consumer's softmax may start
-        return acc_ref[...]
-      s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
-      segment_ids = None
-      if p.segments and masked:   # read before K's slot is released
-        segment_ids = (q_ids, common.load_ids(kv_ids_ring.at[slot],
-                                              common.COLUMN_IDS))
-      plgpu.barrier_arrive(k_free.at[slot])
-      # With folds_scale, logits stay raw scores until the exponent.
-      logits = s if p.folds_scale else _scaled_logits(s, p)
-      if masked:
-        allowed = common.tile_allowed(p, tile, q_start,
-                                      walk.block_of(t) * block_kv, q_len,
-                                      kv_len, segment_ids=segment_ids)
-        logits = jnp.where(allowed, logits, -jnp.inf)
-      row_max = jnp.max(logits, axis=1)
-      if p.folds_scale:
-        row_max = row_max * (p.scale * LOG2_E)
-        logits = logits * (p.scale * LOG2_E)
-      m_next = jnp.maximum(m_prev, row_max)
-      # Rows with nothing attended yet keep m = -inf; shift them by 0 so
-      # exp2 gives 0, not NaN.
-      m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else \
-          m_next
-      correction = jnp.exp2(m_prev - m_shift)
-      probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, tile, [0]))
-      l_next = l_prev * correction + jnp.sum(probs, axis=1)
-      acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-      probs = probs.astype(p.dtype)
+          plgpu.barrier_arrive(schedule)      # softmax done
+        plgpu.barrier_wait(v_ready.at[slot])
+        if p.ping_pong:
+          plgpu.barrier_wait(schedule)        # the tensor cores are ours
+
+        def pv(acc_ref):
+          plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_next, l_next
+
+      carry = (
+          plgpu.layout_cast(jnp.zeros((BLOCK_Q, p.head_dim), jnp.float32),
+                            plgpu.Layout.WGMMA),
+          plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1)),
+          plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
+                            plgpu.Layout.WGMMA.reduce(1)),
+      )
       if p.ping_pong:
-        plgpu.barrier_arrive(schedule)      # softmax done
-      plgpu.barrier_wait(v_ready.at[slot])
+        pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
+      acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
       if p.ping_pong:
-        plgpu.barrier_wait(schedule)        # the tensor cores are ours
+        pl.when(wg == 0)(hand_over)   # and the first ends one behind
 
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_next, l_next
+      # Rows that attend nothing (padding, or every key masked): 0 and -inf.
+      rows = q_start + plgpu.broadcasted_iota(
+          jnp.int32, (BLOCK_Q, p.head_dim), 0, layout=plgpu.Layout.WGMMA)
+      attends = (l > 0.0) & _row_vector_of(rows < q_len)
+      safe_l = jnp.where(attends, l, 1.0)
+      scale_rows = jnp.where(attends, 1.0 / safe_l, 0.0)
+      out = acc * lax.broadcast_in_dim(scale_rows, acc.shape, [0])
+      lse = jnp.where(attends, (m + jnp.log2(safe_l)) * LN_2, -jnp.inf)
+      qo[...] = out.astype(p.dtype)
+      lse_out[...] = lse
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(qo, out_ref.at[batch, pl.ds(q_start, BLOCK_Q),
+                                              head])
+      plgpu.copy_smem_to_gmem(lse_out,
+                              lse_ref.at[batch, head, pl.ds(q_start, BLOCK_Q)])
+      return first_step + steps if p.persistent else None
 
-    carry = (
-        plgpu.layout_cast(jnp.zeros((BLOCK_Q, p.head_dim), jnp.float32),
-                          plgpu.Layout.WGMMA),
-        plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)),
-        plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
-                          plgpu.Layout.WGMMA.reduce(1)),
-    )
-    if p.ping_pong:
-      pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
-    acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
-    if p.ping_pong:
-      pl.when(wg == 0)(hand_over)   # and the first ends one behind
-
-    # Rows that attend nothing (padding, or every key masked): 0 and -inf.
-    rows = q_start + plgpu.broadcasted_iota(
-        jnp.int32, (BLOCK_Q, p.head_dim), 0, layout=plgpu.Layout.WGMMA)
-    attends = (l > 0.0) & _row_vector_of(rows < q_len)
-    safe_l = jnp.where(attends, l, 1.0)
-    scale_rows = jnp.where(attends, 1.0 / safe_l, 0.0)
-    out = acc * lax.broadcast_in_dim(scale_rows, acc.shape, [0])
-    lse = jnp.where(attends, (m + jnp.log2(safe_l)) * LN_2, -jnp.inf)
-    qo[...] = out.astype(p.dtype)
-    lse_smem.at[wg][...] = lse
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo, out_ref.at[batch, pl.ds(q_start, BLOCK_Q),
-                                            head])
-    plgpu.copy_smem_to_gmem(lse_smem.at[wg],
-                            lse_ref.at[batch, head, pl.ds(q_start, BLOCK_Q)])
+    over_items(consume, jnp.int32(0) if p.persistent else 0)
     plgpu.wait_smem_to_gmem(0)
+
+
+def _grid(p: ForwardParams) -> dict:
+  """One CTA per (batch, head, query tile), or with ``p.persistent`` that
+  many CTAs, each walking its share of the items."""
+  if p.persistent:
+    return dict(grid=(persistent_grid_size(p),), grid_names=("cta",))
+  return common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads)
 
 
 def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
@@ -272,12 +378,13 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
   """
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   smem = lambda *shape: plgpu.SMEM(shape, p.dtype, transforms=transforms)
+  per_consumer = (p.q_buffers, CONSUMERS) if p.persistent else (CONSUMERS,)
   scratch = [
-      smem(CONSUMERS, BLOCK_Q, p.head_dim),                   # Q, then O
+      smem(*per_consumer, BLOCK_Q, p.head_dim),               # Q, then O
       smem(p.stages, p.block_kv, p.head_dim),                 # K ring
       smem(p.stages, p.block_kv, p.head_dim),                 # V ring
-      plgpu.SMEM((CONSUMERS, BLOCK_Q), jnp.float32),          # lse
-      plgpu.Barrier(num_barriers=CONSUMERS),                  # Q landed
+      plgpu.SMEM((*per_consumer, BLOCK_Q), jnp.float32),      # lse
+      plgpu.Barrier(num_barriers=p.q_buffers * CONSUMERS),    # Q landed
       plgpu.Barrier(num_barriers=p.stages),                   # K landed
       plgpu.Barrier(num_barriers=p.stages),                   # V landed
       plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # K free
@@ -299,7 +406,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       functools.partial(_forward_kernel, p=p),
       out_type=varying_like(out_type, *operands),
       scratch_types=scratch,
-      **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
+      **_grid(p),
       num_threads=CONSUMERS + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
