@@ -185,7 +185,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
     import jax.numpy as jnp
     import numpy as np
     q, k, v, _ = draw_inputs(rng, case)
-    semantics = {name: jnp.array(x) if isinstance(x, tuple) else x
+    semantics = {name: jnp.array(x) if name.endswith("lengths") else x
                  for name, x in semantics.items()}
     if semantics.pop("segments", False):
       ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
