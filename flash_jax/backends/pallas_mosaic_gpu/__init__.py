@@ -3,10 +3,13 @@
 Status: the default implementation on sm90 (first in
 ``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
 GPU test class passed on an H100 on its current kernels (2026-11-27,
-session 13: every non-float32 case, 221 passed with ``test_api``; see
+session 14: every non-float32 case, 417 passed with ``test_api`` and
+``test_mosaic_gpu``; see
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
 above 128 (padded to 256) the backward is `backward_wide`'s two kernels,
-whose two consumer warpgroups split the work by role.
+whose two consumer warpgroups split the work by role. The forward runs a
+persistent grid where `persistent_forward` says so (bitwise the same
+results).
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
