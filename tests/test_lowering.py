@@ -263,6 +263,9 @@ def test_persistent_forward_lowers_for_h100(name, segments):
   for text in (persistent, per_tile):
     assert text.count(f"custom_call @{MOSAIC_CALL}") == 1
   assert persistent != per_tile
+  # The kernel's index arithmetic stays int32 when Python ints are int64.
+  with jax.enable_x64(True):
+    assert lowered(True).count(f"custom_call @{MOSAIC_CALL}") == 1
 
 
 MOSAIC_CASES = {

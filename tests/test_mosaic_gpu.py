@@ -325,12 +325,14 @@ def test_persistent_grid_deals_every_tile_once_in_rotation(batch, heads,
                            for n in range(heads) for q in range(tiles)]
 
 
-def test_persistent_forward_default_rule():
+def test_persistent_forward_default_rule(monkeypatch):
   """`BlockSizes.persistent` decides when given; by default the persistent
   grid is taken up to head dim 128, and with tiles of unequal length
   (causal, window, segment ids) only where every CTA meets every tile
-  index (`persistent_forward`'s measurements)."""
+  index (`persistent_forward`'s measurements, on an H100's 132 SMs)."""
   from flash_jax.config import AttentionConfig, BlockSizes
+  monkeypatch.setattr(flash_jax.platform, "sm_count",
+                      lambda default=132: 132)
   config = lambda block_sizes=None: AttentionConfig(
       mask=MaskSpec(), scale=0.1, implementation="pallas_mosaic_gpu",
       block_sizes=block_sizes)
@@ -348,6 +350,8 @@ def test_persistent_forward_default_rule():
   for chosen in (True, False):
     assert mosaic.persistent_forward(config(BlockSizes(persistent=chosen)),
                                      _params(**long_causal)) is chosen
+  with pytest.raises(ValueError, match="CTA count"):
+    _params(persistent=True)   # a count, not a flag
 
 
 def test_exp2_tanh_matches_tanh():

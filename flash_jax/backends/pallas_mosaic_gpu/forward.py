@@ -92,6 +92,11 @@ class ForwardParams:
   seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
   segments: bool = False    # segment ids: walks block-map lists
 
+  def __post_init__(self):
+    # A CTA count: True would quietly mean a grid of one CTA.
+    if isinstance(self.persistent, bool) or self.persistent < 0:
+      raise ValueError(f"persistent is a CTA count, got {self.persistent!r}")
+
   @property
   def groups(self) -> int:
     return self.num_heads // self.num_kv_heads
@@ -157,7 +162,7 @@ def persistent_item_count(p: ForwardParams, cta):
   """How many items persistent CTA ``cta`` takes: items are dealt
   round-robin, item ``cta + i * grid size`` in its round ``i``."""
   items = p.batch * p.num_heads * p.num_q_tiles
-  return lax.div(items - 1 - cta, persistent_grid_size(p)) + 1
+  return lax.div(items - 1 - cta, jnp.int32(persistent_grid_size(p))) + 1
 
 
 def persistent_item(p: ForwardParams, cta, i):
@@ -165,10 +170,12 @@ def persistent_item(p: ForwardParams, cta, i):
   ``i``, in the grid's order: query tiles of a head fastest, so the CTAs
   at work at any time share a few heads' K/V in L2, as the CTAs of the
   plain grid do (`common.sequence_major_grid`)."""
+  # int32 constants: lax.div and lax.rem take no Python ints (int64 under
+  # jax_enable_x64) beside the int32 indices.
+  tiles, heads = jnp.int32(p.num_q_tiles), jnp.int32(p.num_heads)
   flat = cta + i * persistent_grid_size(p)
-  return (lax.div(flat, p.num_heads * p.num_q_tiles),
-          lax.rem(lax.div(flat, p.num_q_tiles), p.num_heads),
-          lax.rem(flat, p.num_q_tiles))
+  return (lax.div(flat, heads * tiles), lax.rem(lax.div(flat, tiles), heads),
+          lax.rem(flat, tiles))
 
 
 def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
@@ -225,7 +232,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
     plgpu.set_max_registers(232, action="increase")
 
     def q_buffer(i):
-      return lax.rem(i, p.q_buffers) if p.q_buffers > 1 else 0
+      return lax.rem(i, jnp.int32(p.q_buffers)) if p.q_buffers > 1 else 0
 
     # This consumer's Q/O buffer, lse buffer and Q barrier.
     if p.persistent:
