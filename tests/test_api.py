@@ -198,7 +198,7 @@ def test_bottom_right_follows_padding_lengths(qkv, implementation, window):
 
 @pytest.mark.parametrize("field, value", [
     ("block_q", 48), ("block_kv", 8), ("block_q_dq", 0), ("num_warps", 0),
-    ("block_kv_dkv", 64.0), ("ping_pong", 1)])
+    ("block_kv_dkv", 64.0), ("ping_pong", 1), ("persistent", 1)])
 def test_bad_block_sizes(field, value):
   with pytest.raises(ValueError, match=field):
     flash_jax.BlockSizes(**{field: value})
