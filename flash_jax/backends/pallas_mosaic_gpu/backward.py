@@ -143,6 +143,21 @@ def _probabilities(logits, lse, p: ForwardParams, tile, *, masked: bool,
   return probs
 
 
+def _key_major_probabilities(s_t, lse_slot, p: ForwardParams, tile, *,
+                             masked: bool, tile_starts, q_len, kv_len,
+                             streamed_ids=None):
+  """``(P^T, tanh)`` of a dK/dV kernel's tile of scores ``S^T = K Q^T``:
+  the logits (`_logits`; tanh None without a soft-cap), the query block's
+  lse read from its ring slot ``lse_slot``, then `_probabilities` with keys
+  as rows (the other arguments are its own)."""
+  logits, tanh = _logits(s_t, p)
+  lse = _lse_log2(plgpu.load(lse_slot, layout=plgpu.Layout.WGMMA.reduce(0)))
+  probs = _probabilities(logits, lse, p, tile, masked=masked,
+                         tile_starts=tile_starts, q_len=q_len, kv_len=kv_len,
+                         keys_are_rows=True, streamed_ids=streamed_ids)
+  return probs, tanh
+
+
 def _dscores(probs, dprobs, delta, tile, *, keys_are_rows=False, tanh=None):
   """dS = P * (dP - D) in float32 (transposed with ``keys_are_rows``),
   times tanh' (``1 - tanh^2``) with a soft-cap's ``tanh``."""
@@ -228,15 +243,12 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
 
     def probabilities_of(s_t, slot, q_block, masked: bool):
       """P^T from the scores S^T (and tanh of the soft-capped logits)."""
-      logits, tanh = _logits(s_t, p)
-      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-      probs = _probabilities(
-          logits, lse, p, tile, masked=masked,
+      return _key_major_probabilities(
+          s_t, lse_ring.at[slot], p, tile, masked=masked,
           tile_starts=lambda: (q_block * BLOCK, kv_start), q_len=q_len,
-          kv_len=kv_len, keys_are_rows=True,
+          kv_len=kv_len,
           streamed_ids=((kv_ids, q_ids_ring.at[slot], q_ids_ready.at[slot])
                         if p.segments else None))
-      return probs, tanh
 
     def dscores(probs, tanh, dp_t, slot):
       """dS^T = P^T * (dP^T - D), times tanh' with a soft-cap."""

@@ -49,7 +49,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.backward import (
-    BLOCK, _dscores, _logits, _lse_log2, _probabilities, _smem)
+    BLOCK, _dscores, _key_major_probabilities, _logits, _lse_log2,
+    _probabilities, _smem)
 from flash_jax.backends.pallas_mosaic_gpu.forward import (
     CONSUMERS, PRODUCER, ForwardParams)
 from flash_jax.masks import heavy_first
@@ -172,12 +173,10 @@ def _dkv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
         plgpu.wgmma(s_ref, k_smem, q_ring.at[slot].transpose((1, 0)))
         return s_ref[...]
       s_t = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
-      logits, tanh = _logits(s_t, p)
-      lse = _lse_log2(plgpu.load(lse_ring.at[slot], layout=column))
-      probs = _probabilities(
-          logits, lse, p, tile, masked=masked,
+      probs, tanh = _key_major_probabilities(
+          s_t, lse_ring.at[slot], p, tile, masked=masked,
           tile_starts=lambda: (q_block * BLOCK, kv_start), q_len=q_len,
-          kv_len=kv_len, keys_are_rows=True,
+          kv_len=kv_len,
           streamed_ids=((kv_ids, q_ids_ring.at[slot], q_ids_ready.at[slot])
                         if p.segments else None))
       _hand_over(t, _handed_probs(probs, tanh), probs_smem, probs_ready,
