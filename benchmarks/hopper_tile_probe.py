@@ -22,7 +22,8 @@ timed. ``--grid`` instead times forward and forward+backward with every
 Hopper kernel's grid in the shipped order (`ForwardParams.seq_fastest`:
 one head's sequence tiles launch together) and in the order before
 session 11 (tiles slowest). ``--once CASE`` runs the shipped forward of one case three times and
-exits: a program for Nsight Compute's pipe and stall sections.
+exits: a program for Nsight Compute's pipe and stall sections
+(``--implementation cudnn`` runs cuDNN's instead).
 """
 
 from __future__ import annotations
@@ -132,11 +133,12 @@ def grid_orders(cases: str):
         use_grid_order(None)
 
 
-def once(case: str):
-  """Runs the shipped forward of ``case`` three times (for ncu)."""
+def once(case: str, implementation: str = "flash_jax_mosaic"):
+  """Runs the forward of ``case`` three times (for ncu): the shipped
+  Hopper kernel, or another `harness.IMPLEMENTATIONS` entry."""
   row = _row(case)
   inputs = harness.draw(row)
-  attend = harness.IMPLEMENTATIONS["flash_jax_mosaic"](row, inputs)
+  attend = harness.IMPLEMENTATIONS[implementation](row, inputs)
   fn = harness.forward_fn(attend)
   for _ in range(3):
     jax.block_until_ready(fn(inputs.q, inputs.k, inputs.v, inputs.do))
@@ -151,9 +153,11 @@ def main():
                       help="compare the grid orders instead of tiles")
   parser.add_argument("--once", metavar="CASE",
                       help="run one case's shipped forward (for ncu)")
+  parser.add_argument("--implementation", default="flash_jax_mosaic",
+                      help="with --once: the harness implementation run")
   args = parser.parse_args()
   if args.once:
-    once(args.once)
+    once(args.once, args.implementation)
   elif args.grid:
     grid_orders(args.cases or "4096/64,4096,4096c,16384")
   else:

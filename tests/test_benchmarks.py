@@ -452,7 +452,8 @@ def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
   from flash_jax.backends import pallas_mosaic_gpu
   q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   call = api.canonicalize(q, q, q)
-  params = lambda: pallas_mosaic_gpu._params(call.config, q, q, call.arrays)
+  params = lambda: pallas_mosaic_gpu._params(call.config, q, q, call.arrays,
+                                            forward=True)
   assert params().seq_fastest
   probe.use_grid_order(False)
   try:

@@ -206,12 +206,13 @@ MOSAIC_CALL = "mosaic_gpu"
 
 
 @pytest.mark.parametrize("head_dim, default_is_ping_pong", [
-    (128, True), (100, True), (64, False), (256, False)])
+    (128, True), (100, True), (64, True), (40, True), (256, False)])
 def test_ping_pong_reaches_the_mosaic_forward_kernel(head_dim,
                                                       default_is_ping_pong):
   """BlockSizes(ping_pong=True) gives the Hopper forward kernel whose
   consumers meet at a schedule barrier (more barrier arrivals in its
-  jaxpr), False the plain one; None picks per padded head dim (on at 128)."""
+  jaxpr), False the plain one; None picks per padded head dim (on at 64 and
+  128)."""
   q = jax.ShapeDtypeStruct((1, 512, 2, head_dim), jnp.bfloat16)
 
   def kernel_jaxpr(block_sizes):

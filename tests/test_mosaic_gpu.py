@@ -354,6 +354,20 @@ def test_persistent_forward_default_rule(monkeypatch):
     _params(persistent=True)   # a count, not a flag
 
 
+@pytest.mark.parametrize("head_dim, backward_stages", [
+    (40, 3), (64, 3), (128, 2), (200, 2)])
+def test_forward_and_backward_ring_depths(head_dim, backward_stages):
+  """The forward's K/V ring has `FORWARD_STAGES` slots at every head dim;
+  the backward keeps its own depth (3 at head dim 64, where its rings fit),
+  so a forward-only tuning cannot move the backward kernels."""
+  q = jnp.ones((1, 256, 2, head_dim), jnp.bfloat16)
+  call = flash_jax.api.canonicalize(q, q, q)
+  params = lambda forward: mosaic._params(call.config, q, q, call.arrays,
+                                          forward=forward)
+  assert params(True).stages == mosaic.FORWARD_STAGES == 2
+  assert params(False).stages == backward_stages
+
+
 def test_exp2_tanh_matches_tanh():
   """The soft-cap's tanh (built from exp2 so that approx math keeps it
   accurate) against jnp.tanh, including saturation."""

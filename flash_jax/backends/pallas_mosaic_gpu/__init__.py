@@ -9,7 +9,9 @@ session 14: every non-float32 case, 417 passed with ``test_api`` and
 above 128 (padded to 256) the backward is `backward_wide`'s two kernels,
 whose two consumer warpgroups split the work by role. The forward runs a
 persistent grid where `persistent_forward` says so (bitwise the same
-results).
+results). Session 15 made ping-pong and a 2-stage ring the head-dim-64
+forward's defaults; the 63 head-dim-64/40, persistent, ping-pong and
+segment-id cases of the GPU class passed on that forward.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -100,8 +102,23 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
 # Head dims (padded) whose forward runs the ping-pong schedule unless
 # BlockSizes.ping_pong says otherwise. H100, 2026-11-26 (hopper_rows*.md):
 # at 128 it took the forward from 0.70x to 0.87x cuDNN (T=4k) and 0.84x to
-# 0.93x (16k), never slower; at 64 and 256 it changed nothing measurable.
-PING_PONG_HEAD_DIMS = (128,)
+# 0.93x (16k), never slower; at 256 it is slower (0.96x -> 0.92x, session
+# 14). At 64 it changed nothing while the launch order thrashed L2 (session
+# 11); on today's order it pays (session 15, `hopper_tile_probe.py`, with
+# the forward's 2-stage ring): 0.90x -> 1.01x at T=4k, 0.86x -> 0.95x at
+# 4k causal, 0.95x -> 1.06x at 16k causal, 1.04x -> 1.11x at B=32 T=512.
+PING_PONG_HEAD_DIMS = (64, 128)
+
+# Key/value ring depth of the forward. At head dim 64 three stages measured
+# no faster than two without ping-pong (session 11) and slower with it
+# (session 15: 0.770 -> 0.717 ms at 4k causal, 2.591 -> 2.413 ms at 16k
+# causal); at 128 and 256 three do not fit shared memory.
+FORWARD_STAGES = 2
+
+
+def _backward_stages(padded_head_dim: int) -> int:
+  """The backward kernels' ring depth (their Q/dO or K/V rings)."""
+  return 3 if padded_head_dim <= 64 else 2
 
 
 def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
@@ -158,7 +175,9 @@ def persistent_forward(config: AttentionConfig, p) -> bool:
   return not uneven or items >= ctas * p.num_q_tiles
 
 
-def _params(config: AttentionConfig, query, key, arrays):
+def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
+  """The kernels' `ForwardParams` (``stages`` is the forward's ring depth if
+  ``forward``, else the backward's)."""
   batch, q_seq, num_heads, head_dim = query.shape
   padded = _padded_head_dim(head_dim)
   block_kv = 64 if padded > 128 else 128
@@ -167,7 +186,7 @@ def _params(config: AttentionConfig, query, key, arrays):
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
-      stages=3 if padded <= 64 else 2,
+      stages=FORWARD_STAGES if forward else _backward_stages(padded),
       ping_pong=_ping_pong(config, padded),
       fused_dq=not config.deterministic,
       segments=arrays.q_segment_ids is not None)
@@ -228,7 +247,7 @@ def forward(config: AttentionConfig, query, key, value, bias, arrays):
   assert not _unsupported(config, query, value, bias, arrays)
   batch, q_seq, _, head_dim = query.shape
   kv_seq = key.shape[1]
-  p = _params(config, query, key, arrays)
+  p = _params(config, query, key, arrays, forward=True)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   # The kernel sees the padded lengths; the mask keeps the true ones.
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
@@ -263,7 +282,7 @@ def backward(config: AttentionConfig, query, key, value, bias, arrays, out,
   """Returns ``(dq, dk, dv, None)`` from the Mosaic GPU backward kernels."""
   batch, q_seq, _, head_dim = query.shape
   kv_seq = key.shape[1]
-  p = _params(config, query, key, arrays)
+  p = _params(config, query, key, arrays, forward=False)
   q_pad, kv_pad = -(-q_seq // 8) * 8, -(-kv_seq // 8) * 8
   p = dataclasses.replace(p, q_seq=q_pad, kv_seq=kv_pad)
   kernels = backward_kernels(p)
