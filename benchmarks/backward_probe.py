@@ -1,6 +1,7 @@
 """Where does the Hopper backward's time go? (A probe, not a benchmark row.)
 
     python benchmarks/backward_probe.py [--rows 4k,4k-causal,16k,16k-causal]
+        [--backward-stages 3,2]
 
 The Hopper backend's backward is two kernels with no atomics (see
 `flash_jax.backends.pallas_mosaic_gpu.backward`): dK/dV recomputes the
@@ -15,6 +16,10 @@ rows and in one process:
   outputs unused, so XLA drops it; the two alone should sum to about the
   backward);
 * cuDNN's forward and forward+backward, whose difference is its backward.
+
+With ``--backward-stages`` the backward parts are timed once per ring depth
+of the backward kernels (the shipped `_backward_stages` replaced; the
+forward keeps its own), each part's name carrying the depth.
 
 TFLOP/s are given both by FlashAttention's count (backward = 2.5x the
 forward's 4*B*N*T*S*H, halved for causal) and by the products each kernel
@@ -43,6 +48,8 @@ ROWS = {
     "16k-causal": harness.Row(1, 16384, 16384, 16, 16, 128, True),
     "h256": harness.Row(4, 4096, 4096, 8, 8, 256, False),
     "h256-causal": harness.Row(4, 4096, 4096, 8, 8, 256, True),
+    "h64": harness.Row(4, 4096, 4096, 32, 32, 64, False),
+    "h64-causal": harness.Row(4, 4096, 4096, 32, 32, 64, True),
 }
 
 
@@ -84,10 +91,58 @@ def _hopper_parts(row: harness.Row, inputs: harness.Inputs):
   }
 
 
+SHIPPED_BACKWARD_STAGES = None
+
+
+def use_backward_stages(stages: int | None) -> None:
+  """Makes the Hopper backward kernels' rings ``stages`` deep (None: the
+  shipped depth)."""
+  from flash_jax.backends import pallas_mosaic_gpu as hopper
+  global SHIPPED_BACKWARD_STAGES
+  if SHIPPED_BACKWARD_STAGES is None:
+    SHIPPED_BACKWARD_STAGES = hopper._backward_stages
+  hopper._backward_stages = (SHIPPED_BACKWARD_STAGES if stages is None
+                             else lambda padded_head_dim: stages)
+  jax.clear_caches()
+
+
+def _time_hopper_parts(row, inputs, depths) -> dict:
+  """part -> seconds for `_hopper_parts`; with ``depths``, the backward
+  parts once per ring depth (``"<part>, <depth> stages"``), each timed
+  while its depth is in force (clearing the caches retraces)."""
+  times = {}
+
+  def time_parts(parts, suffix=""):
+    for part, (fn, fn_args) in parts.items():
+      try:
+        times[part + suffix] = harness.time_call(fn, fn_args)
+      except Exception as e:  # noqa: BLE001 - a probe reports and goes on
+        print(f"  {part}{suffix}: {type(e).__name__}: {str(e)[:200]}")
+
+  parts = _hopper_parts(row, inputs)
+  if not depths:
+    time_parts(parts)
+    return times
+  time_parts({"forward": parts["forward"]})
+  for depth in depths:
+    use_backward_stages(depth)
+    try:
+      parts = _hopper_parts(row, inputs)
+      del parts["forward"]
+      time_parts(parts, f", {depth} stages")
+    finally:
+      use_backward_stages(None)
+  return times
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--rows", default="4k,4k-causal,16k,16k-causal")
+  parser.add_argument("--backward-stages", default="",
+                      help="ring depths of the backward kernels to time, "
+                      "e.g. 3,2 (default: the shipped depth only)")
   args = parser.parse_args()
+  depths = [int(d) for d in args.backward_stages.split(",") if d]
   for name in args.rows.split(","):
     row = ROWS[name]
     inputs = harness.draw(row)
@@ -102,17 +157,11 @@ def main():
     counted["backward, fused dQ"] = counted["backward"]
     print(f"{name}: B={row.batch} T={row.q_seq} N={row.num_heads} "
           f"H={row.head_dim} causal={row.is_causal}")
-    times = {}
     try:
-      parts = _hopper_parts(row, inputs)
+      times = _time_hopper_parts(row, inputs, depths)
     except Exception as e:  # noqa: BLE001 - a probe reports and goes on
       print(f"  hopper: {type(e).__name__}: {str(e)[:200]}")
-      parts = {}
-    for part, (fn, fn_args) in parts.items():
-      try:
-        times[part] = harness.time_call(fn, fn_args)
-      except Exception as e:  # noqa: BLE001
-        print(f"  {part}: {type(e).__name__}: {str(e)[:200]}")
+      times = {}
     try:
       cudnn = harness.IMPLEMENTATIONS["cudnn"](row, inputs)
       times["cudnn forward"] = harness.time_call(harness.forward_fn(cudnn),
@@ -124,14 +173,17 @@ def main():
     except Exception as e:  # noqa: BLE001
       print(f"  cudnn: {type(e).__name__}: {str(e)[:200]}")
     for part, seconds in times.items():
+      base = part.rsplit(", ", 1)[0] if part.endswith(" stages") else part
       line = f"  {part:20s} {seconds * 1e3:8.3f} ms"
-      if part in counted:
-        line += f"  {counted[part] / seconds / 1e12:6.0f} TFLOP/s counted"
-      if part in performed:
-        line += f"  {performed[part] / seconds / 1e12:6.0f} TFLOP/s performed"
+      if base in counted:
+        line += f"  {counted[base] / seconds / 1e12:6.0f} TFLOP/s counted"
+      if base in performed:
+        line += f"  {performed[base] / seconds / 1e12:6.0f} TFLOP/s performed"
       print(line, flush=True)
-    for part in ("backward", "backward, fused dQ"):
-      if part in times and "cudnn backward" in times:
+    for part in times:
+      base = part.rsplit(", ", 1)[0] if part.endswith(" stages") else part
+      if (base in ("backward", "backward, fused dQ")
+          and "cudnn backward" in times):
         print(f"  {part} / cudnn backward: "
               f"{times['cudnn backward'] / times[part]:.2f}x speed")
 

@@ -463,6 +463,28 @@ def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
   assert pallas_mosaic_gpu._params is probe.SHIPPED_PARAMS
 
 
+def test_backward_probe_stage_switch_reaches_only_the_backward_params():
+  """`backward_probe.use_backward_stages` sets the backward kernels' ring
+  depth (the forward keeps its own) and None restores the shipped one."""
+  from benchmarks import backward_probe as probe
+  from flash_jax import api
+  from flash_jax.backends import pallas_mosaic_gpu
+  q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
+  call = api.canonicalize(q, q, q)
+  params = lambda forward: pallas_mosaic_gpu._params(
+      call.config, q, q, call.arrays, forward=forward)
+  shipped = pallas_mosaic_gpu._backward_stages
+  assert params(False).stages == 3
+  probe.use_backward_stages(4)
+  try:
+    assert params(False).stages == 4
+    assert params(True).stages == pallas_mosaic_gpu.FORWARD_STAGES
+  finally:
+    probe.use_backward_stages(None)
+  assert pallas_mosaic_gpu._backward_stages is shipped
+  assert params(False).stages == 3
+
+
 def test_sparse_probe_modes_go_through_argparse():
   """The probe's modes are parsed by argparse: tiles as 4-tuples, one mode
   at a time, ``--once`` defaulting to the forward."""

@@ -10,8 +10,9 @@ above 128 (padded to 256) the backward is `backward_wide`'s two kernels,
 whose two consumer warpgroups split the work by role. The forward runs a
 persistent grid where `persistent_forward` says so (bitwise the same
 results). Session 15 made ping-pong and a 2-stage ring the head-dim-64
-forward's defaults; the 63 head-dim-64/40, persistent, ping-pong and
-segment-id cases of the GPU class passed on that forward.
+forward's defaults; the 97 cases of the GPU class that run it (head dims
+40 and 64, persistent, ping-pong, segment ids, the parameterless feature
+cases) passed again on that forward.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
