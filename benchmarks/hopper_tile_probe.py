@@ -13,7 +13,10 @@ head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
 ``BLOCK_KVxSTAGES`` with an optional ``xP`` (ping-pong on) or ``xN`` (off),
 without which the backend's default ping-pong choice stays, and an optional
 ``xC<ctas>`` (a persistent grid of that many CTAs, `ForwardParams.persistent`;
-``xC0``: one CTA per tile). The first tile
+``xC0``: one CTA per tile) and an optional ``xW3`` (three consumer
+warpgroups, `ForwardParams.consumers`: 192 query rows per CTA, ping-pong
+off, set where the backend builds the forward's parameters so that its
+persistent rule and block maps see the 192-row tiles). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -42,11 +45,13 @@ from benchmarks.schedule_probe import _row  # noqa: E402
 from flash_jax.backends import pallas_mosaic_gpu  # noqa: E402
 
 SHIPPED_FORWARD = pallas_mosaic_gpu._forward.forward
+SHIPPED_PARAMS = pallas_mosaic_gpu._params
 
 
 def parse_tile(spec: str) -> dict:
   """``"192x2xP"`` -> ``{"block_kv": 192, "stages": 2, "ping_pong": True}``;
-  ``"128x3xC132"`` -> ``{"block_kv": 128, "stages": 3, "persistent": 132}``."""
+  ``"128x3xC132"`` -> ``{"block_kv": 128, "stages": 3, "persistent": 132}``;
+  ``"128x2xW3"`` -> ``{"block_kv": 128, "stages": 2, "consumers": 3}``."""
   parts = spec.split("x")
   fields = {"block_kv": int(parts[0]), "stages": int(parts[1])}
   for part in parts[2:]:
@@ -54,20 +59,33 @@ def parse_tile(spec: str) -> dict:
       fields["ping_pong"] = part == "P"
     elif part[:1] == "C" and part[1:].isdigit():
       fields["persistent"] = int(part[1:])
+    elif part[:1] == "W" and part[1:].isdigit():
+      fields["consumers"] = int(part[1:])
     else:
-      raise ValueError(f"tile {spec!r}: a field after the second is P, N "
-                       "or C<ctas>")
+      raise ValueError(f"tile {spec!r}: a field after the second is P, N, "
+                       "C<ctas> or W<consumers>")
   return fields
 
 
 def use_tile(fields: dict | None) -> None:
   """Makes the Hopper forward kernel's parameters take ``fields`` (None:
-  the shipped ones)."""
-  if fields is None:
-    pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
-  else:
+  the shipped ones). ``consumers`` is set where the backend builds the
+  forward's parameters (`pallas_mosaic_gpu._params`, with ping-pong off,
+  which needs two consumers); the other fields just before the kernel."""
+  pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
+  pallas_mosaic_gpu._params = SHIPPED_PARAMS
+  if fields is not None:
+    fields = dict(fields)
+    consumers = fields.pop("consumers", None)
     pallas_mosaic_gpu._forward.forward = lambda p, *a: SHIPPED_FORWARD(
         dataclasses.replace(p, **fields), *a)
+    if consumers is not None:
+      def params(*args, forward, **kwargs):
+        p = SHIPPED_PARAMS(*args, forward=forward, **kwargs)
+        if not forward:
+          return p
+        return dataclasses.replace(p, consumers=consumers, ping_pong=False)
+      pallas_mosaic_gpu._params = params
   jax.clear_caches()
 
 
@@ -92,9 +110,6 @@ def tiles(cases: str, tile_specs: str):
                 f"{cudnn['seconds'] / entry['seconds']:6.3f}x", flush=True)
       finally:
         use_tile(None)
-
-
-SHIPPED_PARAMS = pallas_mosaic_gpu._params
 
 
 def use_grid_order(seq_fastest: bool | None) -> None:

@@ -425,7 +425,9 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   assert probe.parse_tile("128x3") == {"block_kv": 128, "stages": 3}
   assert probe.parse_tile("128x2xNxC132") == {
       "block_kv": 128, "stages": 2, "ping_pong": False, "persistent": 132}
-  with pytest.raises(ValueError, match="P, N or C"):
+  assert probe.parse_tile("128x2xW3") == {"block_kv": 128, "stages": 2,
+                                          "consumers": 3}
+  with pytest.raises(ValueError, match="P, N, C<ctas> or W"):
     probe.parse_tile("128x3xQ")
 
   @dataclasses.dataclass(frozen=True)
@@ -443,6 +445,29 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
   monkeypatch.undo()
   probe.use_tile(None)
+  assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
+
+
+def test_hopper_tile_probe_consumers_reach_only_the_forward_params():
+  """A ``W3`` tile gives the forward's parameters three consumers (ping-pong
+  off) where the backend builds them, leaves the backward's alone, and
+  `use_tile(None)` restores the shipped builder."""
+  from benchmarks import hopper_tile_probe as probe
+  from flash_jax import api
+  from flash_jax.backends import pallas_mosaic_gpu
+  q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
+  call = api.canonicalize(q, q, q)
+  params = lambda forward: pallas_mosaic_gpu._params(
+      call.config, q, q, call.arrays, forward=forward)
+  assert params(True).consumers == 2 and params(True).ping_pong
+  probe.use_tile(probe.parse_tile("128x2xW3"))
+  try:
+    assert params(True).consumers == 3 and not params(True).ping_pong
+    assert params(True).rows_per_cta == 192
+    assert params(False).consumers == 2
+  finally:
+    probe.use_tile(None)
+  assert pallas_mosaic_gpu._params is probe.SHIPPED_PARAMS
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
 
 

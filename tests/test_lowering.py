@@ -269,6 +269,54 @@ def test_persistent_forward_lowers_for_h100(name, segments):
     assert lowered(True).count(f"custom_call @{MOSAIC_CALL}") == 1
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("name", ["h64_causal_gqa_tails",
+                                  "h40_bottom_right_cap"])
+def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
+                                                monkeypatch):
+  """The forward with three consumer warpgroups (`ForwardParams.consumers`,
+  192 query rows per CTA; set where the backend builds the forward's
+  parameters, as `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles do)
+  lowers with lengths, segment ids, GQA tails, soft-cap and either grid:
+  four warpgroups, registers split 32 / 160."""
+  from flash_jax.backends import pallas_mosaic_gpu as mosaic
+  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
+   cap) = MOSAIC_CASES[name]
+  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
+                     head_dim, dtype)
+  sd = jax.ShapeDtypeStruct
+  config = AttentionConfig(
+      mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
+      interpret=False, logits_soft_cap=cap,
+      block_sizes=BlockSizes(persistent=persistent))
+
+  def forward(q, k, v, q_lengths, kv_lengths, q_ids, kv_ids):
+    arrays = MaskArrays(
+        q_lengths if lengths else None, kv_lengths if lengths else None,
+        q_segment_ids=q_ids if segments else None,
+        kv_segment_ids=kv_ids if segments else None)
+    return flash_attention(config, q, k, v, None, arrays)
+  operands = (q, k, v, sd((batch,), jnp.int32), sd((batch,), jnp.int32),
+              sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32))
+  two = lower_for_h100(forward, *operands)
+  shipped = mosaic._params
+
+  def three_consumers(*args, forward, **kwargs):
+    p = shipped(*args, forward=forward, **kwargs)
+    return (dataclasses.replace(p, consumers=3, ping_pong=False) if forward
+            else p)
+  monkeypatch.setattr(mosaic, "_params", three_consumers)
+  jax.clear_caches()   # else jit hands back the two-consumer trace
+  three = lower_for_h100(forward, *operands)
+  assert three.count(f"custom_call @{MOSAIC_CALL}") == 1
+  assert three != two
+  jaxpr = str(jax.make_jaxpr(forward)(*operands))
+  assert "num_threads=4" in jaxpr
+  assert "set_max_registers_p[action=increase n=160]" in jaxpr
+  assert "set_max_registers_p[action=decrease n=32]" in jaxpr
+
+
 MOSAIC_CASES = {
     # (B, T, S, N, K, H, dtype, mask spec, lengths, soft-cap)
     "h128": (2, 4096, 4096, 8, 8, 128, jnp.bfloat16, MaskSpec(), False, None),

@@ -354,6 +354,23 @@ def test_persistent_forward_default_rule(monkeypatch):
     _params(persistent=True)   # a count, not a flag
 
 
+def test_consumer_count_is_checked():
+  """Two or three consumer warpgroups (192 query rows per CTA with three,
+  at head dim 64 only), and ping-pong only with two: its schedule barrier
+  pairs hand-overs."""
+  assert _params().consumers == 2 and _params().rows_per_cta == 128
+  with pytest.raises(ValueError, match="3 consumers are for head dim 64"):
+    _params(consumers=3)   # head dim 128
+  three = _params(consumers=3, head_dim=64)
+  assert three.rows_per_cta == 192
+  assert three.num_q_tiles == -(-three.q_seq // 192)
+  for bad in (1, 4):
+    with pytest.raises(ValueError, match="consumers is one of"):
+      _params(consumers=bad)
+  with pytest.raises(ValueError, match="ping_pong needs 2"):
+    _params(consumers=3, head_dim=64, ping_pong=True)
+
+
 @pytest.mark.parametrize("head_dim, backward_stages", [
     (40, 3), (64, 3), (128, 2), (200, 2)])
 def test_forward_and_backward_ring_depths(head_dim, backward_stages):

@@ -117,8 +117,9 @@ def phase_steps(walk: Walk, own_range=None):
 @dataclasses.dataclass(frozen=True)
 class SegmentRefs:
   """A kernel's segment-id inputs (global memory): the ids, int32 ``[B,
-  T']`` and ``[B, S']`` with T' and S' padded to whole CTAs of 128 rows
-  (the kernels read a CTA's own ids without TMA's clipping), and the block
+  T']`` and ``[B, S']`` with T' and S' padded to whole CTAs (128 rows, 192
+  with a three-consumer forward; the kernels read a CTA's own ids without
+  TMA's clipping), and the block
   map's lists of its walk."""
 
   q_ids: Any

@@ -1,7 +1,9 @@
 """FlashAttention forward for Hopper (sm90), in Pallas' Mosaic GPU dialect.
 
 One CTA owns ``2 * BLOCK_Q`` query rows of one (batch, head) and runs three
-warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1):
+warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1; with
+``consumers=3``, a tiling FlashAttention-3 uses at head dim 64, it owns
+``3 * BLOCK_Q`` rows and runs a third consumer):
 
 * a producer warpgroup streams key and value blocks into a ``stages``-deep
   shared-memory ring with TMA, each slot guarded by a "ready" barrier (TMA
@@ -66,8 +68,14 @@ from flash_jax.sharding import varying_like
 LOG2_E = math.log2(math.e)
 LN_2 = math.log(2.0)
 BLOCK_Q = 64          # query rows per consumer warpgroup
-CONSUMERS = 2
-PRODUCER = CONSUMERS  # warpgroup index of the TMA producer
+CONSUMERS = 2         # consumer warpgroups (the backward kernels' count)
+PRODUCER = CONSUMERS  # warpgroup index of the TMA producer (backward)
+
+# Registers per thread after `set_max_registers`, by consumer count: the
+# producer's and each consumer's. (1 + consumers) warpgroups of 128 threads
+# share a CTA's 65536: 128 x (40 + 2 x 232) = 64512, 128 x (32 + 3 x 160)
+# = 65536 (FlashAttention-3's split for three consumers).
+REGISTERS = {2: (40, 232), 3: (32, 160)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +95,7 @@ class ForwardParams:
   block_kv: int
   stages: int
   ping_pong: bool = False   # consumers take turns on the tensor cores
+  consumers: int = CONSUMERS  # consumer warpgroups (2; 3: forward, h64)
   persistent: int = 0       # CTAs of a persistent grid (0: one per tile)
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
   seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
@@ -96,6 +105,19 @@ class ForwardParams:
     # A CTA count: True would quietly mean a grid of one CTA.
     if isinstance(self.persistent, bool) or self.persistent < 0:
       raise ValueError(f"persistent is a CTA count, got {self.persistent!r}")
+    if self.consumers not in REGISTERS:
+      raise ValueError(f"consumers is one of {sorted(REGISTERS)}, got "
+                       f"{self.consumers!r}")
+    if self.consumers == 3 and self.head_dim > 64:
+      # 160 registers a thread hold no 64 x 128 float32 accumulator beside
+      # S, and at 128 two Q buffers of three consumers overflow shared
+      # memory (233,592 bytes of 232,448).
+      raise ValueError("3 consumers are for head dim 64, got "
+                       f"{self.head_dim}")
+    if self.ping_pong and self.consumers != 2:
+      # The schedule barrier pairs two consumers' hand-overs.
+      raise ValueError("ping_pong needs 2 consumer warpgroups, got "
+                       f"{self.consumers}")
 
   @property
   def groups(self) -> int:
@@ -103,7 +125,7 @@ class ForwardParams:
 
   @property
   def rows_per_cta(self) -> int:
-    return CONSUMERS * BLOCK_Q
+    return self.consumers * BLOCK_Q
 
   @property
   def num_q_tiles(self) -> int:
@@ -211,9 +233,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
                                    kv_len, block_kv)
     return q_len, kv_len, q_tile * p.rows_per_cta, walk
 
-  @pl.when(wg == PRODUCER)
+  producer_registers, consumer_registers = REGISTERS[p.consumers]
+
+  @pl.when(wg == p.consumers)   # the producer warpgroup comes last
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(producer_registers, action="decrease")
 
     def produce(i, item, first_step):
       batch, head, q_program = item
@@ -227,9 +251,9 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
     # The ring runs on across items: step t of the CTA uses slot t % stages.
     over_items(produce, jnp.int32(0) if p.persistent else 0)
 
-  @pl.when(wg < CONSUMERS)
+  @pl.when(wg < p.consumers)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(consumer_registers, action="increase")
 
     def q_buffer(i):
       return lax.rem(i, jnp.int32(p.q_buffers)) if p.q_buffers > 1 else 0
@@ -238,7 +262,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
     if p.persistent:
       qo_of = lambda buffer: qo_smem.at[buffer, wg]
       lse_of = lambda buffer: lse_smem.at[buffer, wg]
-      q_landed = lambda buffer: q_ready.at[buffer * CONSUMERS + wg]
+      q_landed = lambda buffer: q_ready.at[buffer * p.consumers + wg]
     else:
       qo_of = lambda _: qo_smem.at[wg]
       lse_of = lambda _: lse_smem.at[wg]
@@ -396,18 +420,19 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
   """
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   smem = lambda *shape: plgpu.SMEM(shape, p.dtype, transforms=transforms)
-  per_consumer = (p.q_buffers, CONSUMERS) if p.persistent else (CONSUMERS,)
+  per_consumer = ((p.q_buffers, p.consumers) if p.persistent
+                  else (p.consumers,))
   scratch = [
       smem(*per_consumer, BLOCK_Q, p.head_dim),               # Q, then O
       smem(p.stages, p.block_kv, p.head_dim),                 # K ring
       smem(p.stages, p.block_kv, p.head_dim),                 # V ring
       plgpu.SMEM((*per_consumer, BLOCK_Q), jnp.float32),      # lse
-      plgpu.Barrier(num_barriers=p.q_buffers * CONSUMERS),    # Q landed
+      plgpu.Barrier(num_barriers=p.q_buffers * p.consumers),  # Q landed
       plgpu.Barrier(num_barriers=p.stages),                   # K landed
       plgpu.Barrier(num_barriers=p.stages),                   # V landed
-      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # K free
-      plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=p.stages),  # V free
-      plgpu.Barrier(num_arrivals=CONSUMERS),                  # schedule
+      plgpu.Barrier(num_arrivals=p.consumers, num_barriers=p.stages),  # K free
+      plgpu.Barrier(num_arrivals=p.consumers, num_barriers=p.stages),  # V free
+      plgpu.Barrier(num_arrivals=p.consumers),                # schedule
   ]
   scratch += common.ids_scratch(p, p.block_kv)                 # key ids
   out_type = [
@@ -425,7 +450,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       out_type=varying_like(out_type, *operands),
       scratch_types=scratch,
       **_grid(p),
-      num_threads=CONSUMERS + 1,
+      num_threads=p.consumers + 1,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(*operands)
