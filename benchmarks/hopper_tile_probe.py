@@ -14,9 +14,10 @@ head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
 without which the backend's default ping-pong choice stays, and an optional
 ``xC<ctas>`` (a persistent grid of that many CTAs, `ForwardParams.persistent`;
 ``xC0``: one CTA per tile) and an optional ``xW3`` (three consumer
-warpgroups, `ForwardParams.consumers`: 192 query rows per CTA, ping-pong
-off, set where the backend builds the forward's parameters so that its
-persistent rule and block maps see the 192-row tiles). The first tile
+warpgroups, `ForwardParams.consumers`: 192 query rows per CTA, head dim 64
+only, set where the backend builds the forward's parameters so that its
+persistent rule and block maps see the 192-row tiles; ping-pong off unless
+the tile has ``P``, with which the three take turns). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -70,8 +71,9 @@ def parse_tile(spec: str) -> dict:
 def use_tile(fields: dict | None) -> None:
   """Makes the Hopper forward kernel's parameters take ``fields`` (None:
   the shipped ones). ``consumers`` is set where the backend builds the
-  forward's parameters (`pallas_mosaic_gpu._params`, with ping-pong off,
-  which needs two consumers); the other fields just before the kernel."""
+  forward's parameters (`pallas_mosaic_gpu._params`, with ping-pong off
+  unless ``fields`` turn it on); the other fields just before the
+  kernel."""
   pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
   pallas_mosaic_gpu._params = SHIPPED_PARAMS
   if fields is not None:

@@ -269,17 +269,19 @@ def test_persistent_forward_lowers_for_h100(name, segments):
     assert lowered(True).count(f"custom_call @{MOSAIC_CALL}") == 1
 
 
+@pytest.mark.parametrize("ping_pong", [False, True])
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("name", ["h64_causal_gqa_tails",
                                   "h40_bottom_right_cap"])
 def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
-                                                monkeypatch):
+                                                ping_pong, monkeypatch):
   """The forward with three consumer warpgroups (`ForwardParams.consumers`,
   192 query rows per CTA; set where the backend builds the forward's
   parameters, as `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles do)
-  lowers with lengths, segment ids, GQA tails, soft-cap and either grid:
-  four warpgroups, registers split 32 / 160."""
+  lowers with lengths, segment ids, GQA tails, soft-cap, either grid and
+  either schedule (with ping-pong the three take turns: more barrier
+  waits): four warpgroups, registers split 32 / 160."""
   from flash_jax.backends import pallas_mosaic_gpu as mosaic
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
    cap) = MOSAIC_CASES[name]
@@ -302,19 +304,28 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
   two = lower_for_h100(forward, *operands)
   shipped = mosaic._params
 
-  def three_consumers(*args, forward, **kwargs):
-    p = shipped(*args, forward=forward, **kwargs)
-    return (dataclasses.replace(p, consumers=3, ping_pong=False) if forward
-            else p)
-  monkeypatch.setattr(mosaic, "_params", three_consumers)
-  jax.clear_caches()   # else jit hands back the two-consumer trace
-  three = lower_for_h100(forward, *operands)
+  def trace(schedule: bool, make):
+    """``make(forward, *operands)`` with three consumers, ping-pong
+    ``schedule``."""
+    def three_consumers(*args, forward, **kwargs):
+      p = shipped(*args, forward=forward, **kwargs)
+      return (dataclasses.replace(p, consumers=3, ping_pong=schedule)
+              if forward else p)
+    monkeypatch.setattr(mosaic, "_params", three_consumers)
+    jax.clear_caches()   # else jit hands back an earlier trace
+    return make(forward, *operands)
+  jaxprs = {schedule: str(trace(schedule,
+                                lambda f, *a: jax.make_jaxpr(f)(*a)))
+            for schedule in (False, True)}
+  three = trace(ping_pong, lower_for_h100)
   assert three.count(f"custom_call @{MOSAIC_CALL}") == 1
   assert three != two
-  jaxpr = str(jax.make_jaxpr(forward)(*operands))
+  jaxpr = jaxprs[ping_pong]
   assert "num_threads=4" in jaxpr
   assert "set_max_registers_p[action=increase n=160]" in jaxpr
   assert "set_max_registers_p[action=decrease n=32]" in jaxpr
+  assert jaxprs[True].count("barrier_wait") > jaxprs[False].count(
+      "barrier_wait")
 
 
 MOSAIC_CASES = {

@@ -356,8 +356,7 @@ def test_persistent_forward_default_rule(monkeypatch):
 
 def test_consumer_count_is_checked():
   """Two or three consumer warpgroups (192 query rows per CTA with three,
-  at head dim 64 only), and ping-pong only with two: its schedule barrier
-  pairs hand-overs."""
+  at head dim 64 only)."""
   assert _params().consumers == 2 and _params().rows_per_cta == 128
   with pytest.raises(ValueError, match="3 consumers are for head dim 64"):
     _params(consumers=3)   # head dim 128
@@ -367,8 +366,7 @@ def test_consumer_count_is_checked():
   for bad in (1, 4):
     with pytest.raises(ValueError, match="consumers is one of"):
       _params(consumers=bad)
-  with pytest.raises(ValueError, match="ping_pong needs 2"):
-    _params(consumers=3, head_dim=64, ping_pong=True)
+  assert _params(consumers=3, head_dim=64, ping_pong=True).ping_pong
 
 
 @pytest.mark.parametrize("head_dim, backward_stages", [

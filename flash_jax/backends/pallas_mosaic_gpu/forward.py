@@ -46,7 +46,11 @@ With ``ping_pong`` the consumers also take turns on the tensor cores
 other issues its products, each consumer handing the tensor cores over
 twice per block. Both walk the same number of blocks, so the hand-overs
 pair up; the second consumer starts one hand-over late and the first ends
-one late.
+one late. Three consumers (``consumers=3``) instead issue their products in
+a fixed rotation, 0, 1, 2, 0, ...: each waits on its own barrier for the
+other two to have issued since its last product (FlashAttention-3's
+scheduler barrier for three warpgroups), so each softmax overlaps two
+other consumers' products.
 """
 
 from __future__ import annotations
@@ -114,10 +118,6 @@ class ForwardParams:
       # memory (233,592 bytes of 232,448).
       raise ValueError("3 consumers are for head dim 64, got "
                        f"{self.head_dim}")
-    if self.ping_pong and self.consumers != 2:
-      # The schedule barrier pairs two consumers' hand-overs.
-      raise ValueError("ping_pong needs 2 consumer warpgroups, got "
-                       f"{self.consumers}")
 
   @property
   def groups(self) -> int:
@@ -251,6 +251,11 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
     # The ring runs on across items: step t of the CTA uses slot t % stages.
     over_items(produce, jnp.int32(0) if p.persistent else 0)
 
+  # Ping-pong: two consumers meet at one barrier twice per block; three
+  # take their products in turn (`take_turn`/`pass_turn`).
+  two_way = p.ping_pong and p.consumers == 2
+  round_robin = p.ping_pong and p.consumers == 3
+
   @pl.when(wg < p.consumers)
   def _consumer():
     plgpu.set_max_registers(consumer_registers, action="increase")
@@ -314,6 +319,16 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         plgpu.barrier_arrive(schedule)
         plgpu.barrier_wait(schedule)
 
+      def take_turn():
+        """Three consumers: wait until both others issued since our last
+        product (`round_robin`)."""
+        plgpu.barrier_wait(schedule.at[wg])
+
+      def pass_turn():
+        for ahead in (1, 2):
+          plgpu.barrier_arrive(schedule.at[lax.rem(wg + ahead,
+                                                   jnp.int32(3))])
+
       def step(t, carry, *, masked: bool):
         acc, m_prev, l_prev = carry
         slot = slot_of(t)
@@ -323,9 +338,13 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
           plgpu.barrier_wait(kv_ids_ready.at[slot])
 
         def qk(acc_ref):
+          if round_robin:
+            take_turn()
           plgpu.wgmma(acc_ref, qo, k_smem.at[slot].transpose((1, 0)))
-          if p.ping_pong:
+          if two_way:
             hand_over()   # issued; the other consumer's softmax may start
+          elif round_robin:
+            pass_turn()
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC(tile, jnp.float32))
         segment_ids = None
@@ -354,14 +373,18 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         l_next = l_prev * correction + jnp.sum(probs, axis=1)
         acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
         probs = probs.astype(p.dtype)
-        if p.ping_pong:
+        if two_way:
           plgpu.barrier_arrive(schedule)      # softmax done
         plgpu.barrier_wait(v_ready.at[slot])
-        if p.ping_pong:
+        if two_way:
           plgpu.barrier_wait(schedule)        # the tensor cores are ours
+        elif round_robin:
+          take_turn()
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, probs, v_smem.at[slot])
+          if round_robin:
+            pass_turn()
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc, m_next, l_next
@@ -374,10 +397,10 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
           plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
                             plgpu.Layout.WGMMA.reduce(1)),
       )
-      if p.ping_pong:
+      if two_way:
         pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
       acc, m, l = common.run_phases(steps, first_full, end_full, step, carry)
-      if p.ping_pong:
+      if two_way:
         pl.when(wg == 0)(hand_over)   # and the first ends one behind
 
       # Rows that attend nothing (padding, or every key masked): 0 and -inf.
@@ -397,6 +420,14 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
                               lse_ref.at[batch, head, pl.ds(q_start, BLOCK_Q)])
       return first_step + steps if p.persistent else None
 
+    if round_robin:
+      # Consumer 0 goes first, then 1, then 2: barrier 0 starts with the
+      # arrivals of 1 and 2, barrier 1 with that of 2. Every consumer takes
+      # as many turns per item (all walk the CTA's blocks), so the order
+      # holds across a persistent CTA's items; the last turns' arrivals are
+      # never waited for.
+      pl.when(wg > 0)(lambda: plgpu.barrier_arrive(schedule.at[0]))
+      pl.when(wg == 2)(lambda: plgpu.barrier_arrive(schedule.at[1]))
     over_items(consume, jnp.int32(0) if p.persistent else 0)
     plgpu.wait_smem_to_gmem(0)
 
@@ -432,7 +463,10 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       plgpu.Barrier(num_barriers=p.stages),                   # V landed
       plgpu.Barrier(num_arrivals=p.consumers, num_barriers=p.stages),  # K free
       plgpu.Barrier(num_arrivals=p.consumers, num_barriers=p.stages),  # V free
-      plgpu.Barrier(num_arrivals=p.consumers),                # schedule
+      # schedule: one barrier for two consumers; one each for three, which
+      # the other two arrive on
+      (plgpu.Barrier(num_arrivals=CONSUMERS) if p.consumers == 2 else
+       plgpu.Barrier(num_arrivals=2, num_barriers=3)),
   ]
   scratch += common.ids_scratch(p, p.block_kv)                 # key ids
   out_type = [
