@@ -26,8 +26,9 @@ timed. ``--grid`` instead times forward and forward+backward with every
 Hopper kernel's grid in the shipped order (`ForwardParams.seq_fastest`:
 one head's sequence tiles launch together) and in the order before
 session 11 (tiles slowest). ``--once CASE`` runs the shipped forward of one case three times and
-exits: a program for Nsight Compute's pipe and stall sections
-(``--implementation cudnn`` runs cuDNN's instead).
+exits: a program for Nsight Compute's pipe and stall sections or a ptxas
+dump (``--tile T`` runs the Hopper forward at tile ``T``,
+``--implementation cudnn`` runs cuDNN's instead).
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ def use_tile(fields: dict | None) -> None:
         p = SHIPPED_PARAMS(*args, forward=forward, **kwargs)
         if not forward:
           return p
-        return dataclasses.replace(p, consumers=consumers, ping_pong=False)
+        # Three consumers take turns only where the tile says P.
+        return dataclasses.replace(
+            p, consumers=consumers,
+            ping_pong=p.ping_pong if consumers == 2 else False)
       pallas_mosaic_gpu._params = params
   jax.clear_caches()
 
@@ -150,9 +154,13 @@ def grid_orders(cases: str):
         use_grid_order(None)
 
 
-def once(case: str, implementation: str = "flash_jax_mosaic"):
-  """Runs the forward of ``case`` three times (for ncu): the shipped
-  Hopper kernel, or another `harness.IMPLEMENTATIONS` entry."""
+def once(case: str, implementation: str = "flash_jax_mosaic",
+         tile: str | None = None):
+  """Runs the forward of ``case`` three times (for ncu or a ptxas dump):
+  the shipped Hopper kernel, the Hopper kernel at ``tile``, or another
+  `harness.IMPLEMENTATIONS` entry."""
+  if tile:
+    use_tile(parse_tile(tile))
   row = _row(case)
   inputs = harness.draw(row)
   attend = harness.IMPLEMENTATIONS[implementation](row, inputs)
@@ -172,9 +180,11 @@ def main():
                       help="run one case's shipped forward (for ncu)")
   parser.add_argument("--implementation", default="flash_jax_mosaic",
                       help="with --once: the harness implementation run")
+  parser.add_argument("--tile", help="with --once: a tile (as in --tiles) "
+                      "for the Hopper forward instead of the shipped one")
   args = parser.parse_args()
   if args.once:
-    once(args.once, args.implementation)
+    once(args.once, args.implementation, args.tile)
   elif args.grid:
     grid_orders(args.cases or "4096/64,4096,4096c,16384")
   else:

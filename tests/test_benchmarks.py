@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import types
 
 import jax
@@ -508,6 +509,22 @@ def test_backward_probe_stage_switch_reaches_only_the_backward_params():
     probe.use_backward_stages(None)
   assert pallas_mosaic_gpu._backward_stages is shipped
   assert params(False).stages == 3
+
+
+def test_hopper_tile_probe_once_takes_a_tile(monkeypatch):
+  """``--once CASE --tile T`` (what scripts/ncu_forward.sh passes for
+  ``CASE:T``) runs that case at that tile."""
+  from benchmarks import hopper_tile_probe as probe
+  seen = []
+  monkeypatch.setattr(probe, "once", lambda *args: seen.append(args))
+  monkeypatch.setattr(sys, "argv", ["probe", "--once", "4096/64",
+                                    "--tile", "128x2xPxW3"])
+  probe.main()
+  monkeypatch.setattr(sys, "argv", ["probe", "--once", "4096/64",
+                                    "--implementation", "cudnn"])
+  probe.main()
+  assert seen == [("4096/64", "flash_jax_mosaic", "128x2xPxW3"),
+                  ("4096/64", "cudnn", None)]
 
 
 def test_sparse_probe_modes_go_through_argparse():

@@ -301,6 +301,9 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
     return flash_attention(config, q, k, v, None, arrays)
   operands = (q, k, v, sd((batch,), jnp.int32), sd((batch,), jnp.int32),
               sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32))
+  # The backend's jitted forward keeps traces by config: clear them around
+  # the patch, so no case sees another's consumer count.
+  jax.clear_caches()
   two = lower_for_h100(forward, *operands)
   shipped = mosaic._params
 
@@ -314,10 +317,14 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
     monkeypatch.setattr(mosaic, "_params", three_consumers)
     jax.clear_caches()   # else jit hands back an earlier trace
     return make(forward, *operands)
-  jaxprs = {schedule: str(trace(schedule,
-                                lambda f, *a: jax.make_jaxpr(f)(*a)))
-            for schedule in (False, True)}
-  three = trace(ping_pong, lower_for_h100)
+  try:
+    jaxprs = {schedule: str(trace(schedule,
+                                  lambda f, *a: jax.make_jaxpr(f)(*a)))
+              for schedule in (False, True)}
+    three = trace(ping_pong, lower_for_h100)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
   assert three.count(f"custom_call @{MOSAIC_CALL}") == 1
   assert three != two
   jaxpr = jaxprs[ping_pong]

@@ -366,7 +366,64 @@ def test_consumer_count_is_checked():
   for bad in (1, 4):
     with pytest.raises(ValueError, match="consumers is one of"):
       _params(consumers=bad)
-  assert _params(consumers=3, head_dim=64, ping_pong=True).ping_pong
+  # With ping-pong the three take turns (`test_three_consumers_take_turns`).
+  assert _params(consumers=3, head_dim=64, ping_pong=True).rows_per_cta == 192
+
+
+def _run_turns(turns_per_consumer: int, rng):
+  """Three consumers taking ``turns_per_consumer`` turns each through the
+  forward's own rotation (`forward.FIRST_TURN_ARRIVALS`, `turn_passes`),
+  interleaved at random against a model of mbarriers (a phase completes on
+  its 2nd arrival; a wait for phase k passes once k phases completed).
+  Returns the order in which turns were taken; raises on a deadlock or on
+  two arrivals of one consumer within one phase."""
+  forward = mosaic._forward   # the kernel module
+  arrivals = [[] for _ in range(3)]   # per barrier: arrivers this phase
+  completed = [0, 0, 0]
+
+  def arrive(barrier, consumer):
+    assert consumer not in arrivals[barrier], "two arrivals in one phase"
+    arrivals[barrier].append(consumer)
+    if len(arrivals[barrier]) == 2:
+      completed[barrier] += 1
+      arrivals[barrier] = []
+
+  for consumer, barrier in forward.FIRST_TURN_ARRIVALS:
+    arrive(barrier, consumer)
+  taken = [0, 0, 0]
+  order = []
+  while min(taken) < turns_per_consumer:
+    ready = [c for c in range(3) if taken[c] < turns_per_consumer
+             and completed[c] > taken[c]]   # its barrier's next phase is in
+    assert ready, f"deadlock after {order}"
+    consumer = int(rng.choice(ready))
+    taken[consumer] += 1
+    order.append(consumer)
+    for barrier in forward.turn_passes(consumer):
+      arrive(int(barrier), consumer)
+  return order
+
+
+@pytest.mark.parametrize("turns", [1, 2, 7])
+def test_three_consumers_take_turns(turns, rng):
+  """The three-consumer ping-pong's barriers admit exactly one order, 0, 1,
+  2, 0, 1, 2, ..., however the consumers race, with never more than one
+  arrival of a consumer per phase (so a parity wait cannot alias). Every
+  consumer takes as many turns (two per block), so this holds across a
+  persistent CTA's items."""
+  import jax
+  generator = np.random.default_rng(np.asarray(jax.random.key_data(rng)))
+  for _ in range(20):
+    assert _run_turns(turns, generator) == [0, 1, 2] * turns
+
+
+def test_backward_kernels_refuse_three_consumer_params():
+  """The backward kernels run two consumers over 128-row tiles: params of a
+  three-consumer forward (192 rows) would leave rows without dQ."""
+  p = _params(consumers=3, head_dim=64)
+  for module in (mosaic._backward, mosaic._backward_wide):
+    with pytest.raises(ValueError, match="take 2 consumers, got 3"):
+      module.backward(p, *[None] * 8)
 
 
 @pytest.mark.parametrize("head_dim, backward_stages", [

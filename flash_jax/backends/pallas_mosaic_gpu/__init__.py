@@ -2,7 +2,7 @@
 
 Status: the default implementation on sm90 (first in
 ``flash_jax.api.AUTO_ORDER``). Its kernels lower for an H100 in CI, and its
-GPU test class passed on an H100 on its current kernels (2026-11-27,
+GPU test class passed on an H100 on session 14's kernels (2026-11-27,
 session 14: every non-float32 case, 417 passed with ``test_api`` and
 ``test_mosaic_gpu``; see
 ``benchmarks/results/NVIDIA_H100_80GB_HBM3/gpu_tests.md``). For head dims
@@ -111,9 +111,10 @@ def check_supported(config: AttentionConfig, query, key, value, bias,
 PING_PONG_HEAD_DIMS = (64, 128)
 
 # Key/value ring depth of the forward. At head dim 64 three stages measured
-# no faster than two without ping-pong (session 11) and slower with it
-# (session 15: 0.770 -> 0.717 ms at 4k causal, 2.591 -> 2.413 ms at 16k
-# causal); at 128 and 256 three do not fit shared memory.
+# no faster than two without ping-pong (session 11); with it (session 15)
+# slower on the per-tile causal rows (0.717 -> 0.770 ms at 4k causal, 2.413
+# -> 2.591 ms at 16k causal) and equal within noise elsewhere; at 128 and
+# 256 three do not fit shared memory.
 FORWARD_STAGES = 2
 
 

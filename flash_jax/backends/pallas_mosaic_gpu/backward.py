@@ -486,6 +486,11 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   tile instead of 7): dQ is summed in float32 in global memory by TMA
   reduce-adds, whose order varies from run to run.
   """
+  if p.consumers != CONSUMERS:
+    # The backward kernels run CONSUMERS warpgroups of BLOCK rows; more rows
+    # per CTA (a three-consumer forward's params) would go without dQ.
+    raise ValueError(f"the backward kernels take {CONSUMERS} consumers, "
+                     f"got {p.consumers}")
   kernel = functools.partial(
       plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))

@@ -345,6 +345,11 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
              kv_lengths, dkv_segments=(), dq_segments=()):
   """Returns ``(dq, dk, dv)``; the arguments are `backward.backward`'s
   (``dq_segments`` is always used: dQ has its own kernel here)."""
+  if p.consumers != CONSUMERS:
+    # The backward kernels run CONSUMERS warpgroups of BLOCK rows; more rows
+    # per CTA (a three-consumer forward's params) would go without dQ.
+    raise ValueError(f"the backward kernels take {CONSUMERS} consumers, "
+                     f"got {p.consumers}")
   kernel = functools.partial(
       plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))

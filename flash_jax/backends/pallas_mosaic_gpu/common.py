@@ -48,7 +48,7 @@ def clipped_lengths(p, q_len_ref, kv_len_ref, batch):
 
 @dataclasses.dataclass(frozen=True)
 class Walk:
-  """The blocks a CTA visits, which its producer and both consumers walk:
+  """The blocks a CTA visits, which its producer and every consumer walk:
   ``steps`` of them, step ``t`` visiting block ``block_of(t)``.
 
   A range walk (`range_walk`, ``lo`` set) visits ``lo .. lo + steps``. A
@@ -153,7 +153,7 @@ def segment_operands(q_ids, kv_ids, lists) -> tuple:
 
 def shared_range(block_range):
   """``(lo, steps)``: the first block and the block count of a CTA's range,
-  which its producer and both consumers walk."""
+  which its producer and every consumer walk."""
   lo = jnp.asarray(block_range.lo, jnp.int32)
   return lo, jnp.asarray(block_range.hi, jnp.int32) - lo
 
@@ -217,7 +217,7 @@ def stream_kv(p, k_ref, v_ref, k_ring, v_ring, k_ready, v_ready, k_free,
               kv_ids=None, first_step=0):
   """The producer warpgroup's copies for a query-major kernel: TMA copies of
   the key and value blocks of ``walk`` into a ``p.stages``-slot ring. A slot
-  is reused only after both consumers released it (its "free" barrier), K
+  is reused only after every consumer released it (its "free" barrier), K
   and V separately so K can land while V is still read. ``first_step`` is
   the ring's step count before this walk (a persistent CTA's ring runs on
   across its tiles): step ``first_step + t`` uses slot ``(first_step + t) %

@@ -7,8 +7,8 @@ warpgroups (FlashAttention-3, Shah et al. 2024, Sec. 3.1; with
 
 * a producer warpgroup streams key and value blocks into a ``stages``-deep
   shared-memory ring with TMA, each slot guarded by a "ready" barrier (TMA
-  completion) and a "free" barrier (both consumers done with it);
-* two consumer warpgroups, ``BLOCK_Q = 64`` query rows each (one wgmma M
+  completion) and a "free" barrier (every consumer done with it);
+* the consumer warpgroups, ``BLOCK_Q = 64`` query rows each (one wgmma M
   tile), compute ``S = Q K^T`` and ``O += P V`` with wgmma, keeping the
   online softmax (running max ``m`` and sum ``l``, exp2 with log2(e) folded
   into the scale) in registers.
@@ -19,7 +19,7 @@ so that CTAs running together share the head's K/V in L2 and a causal
 launch does not end on a wave of its longest CTAs. Without a soft-cap, the
 scale meets the scores after the row max (``folds_scale``).
 
-Both consumers walk the same key blocks, the union of what their rows can
+All consumers walk the same key blocks, the union of what their rows can
 attend (`MaskSpec.kv_block_range` for the CTA's rows), so the producer needs
 no per-consumer schedule; each consumer splits that range by its own rows
 into masked and unmasked phases, so only blocks on a mask boundary pay for
@@ -115,7 +115,7 @@ class ForwardParams:
     if self.consumers == 3 and self.head_dim > 64:
       # 160 registers a thread hold no 64 x 128 float32 accumulator beside
       # S, and at 128 two Q buffers of three consumers overflow shared
-      # memory (233,592 bytes of 232,448).
+      # memory (233,608 bytes of 232,448).
       raise ValueError("3 consumers are for head dim 64, got "
                        f"{self.head_dim}")
 
@@ -151,6 +151,20 @@ class ForwardParams:
     element: not with a soft-cap (tanh acts on scaled logits) or a negative
     scale (the max would become a min)."""
     return self.logits_soft_cap is None and self.scale > 0
+
+
+# Three consumers' ping-pong (`ForwardParams.consumers` 3): consumer ``c``
+# waits on schedule barrier ``c`` (two arrivals) before each product and,
+# once it is issued, arrives on the other two consumers' barriers. These
+# arrivals, made before the first turn, start the rotation at consumer 0:
+# barrier 0 gets those of 1 and 2, barrier 1 that of 2.
+FIRST_TURN_ARRIVALS = ((1, 0), (2, 0), (2, 1))   # (consumer, barrier)
+
+
+def turn_passes(consumer):
+  """The schedule barriers three-consumer ``consumer`` arrives on once its
+  product is issued: the other two consumers'."""
+  return [lax.rem(consumer + ahead, jnp.int32(3)) for ahead in (1, 2)]
 
 
 def _scaled_logits(s, p: ForwardParams):
@@ -325,9 +339,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         plgpu.barrier_wait(schedule.at[wg])
 
       def pass_turn():
-        for ahead in (1, 2):
-          plgpu.barrier_arrive(schedule.at[lax.rem(wg + ahead,
-                                                   jnp.int32(3))])
+        for barrier in turn_passes(wg):
+          plgpu.barrier_arrive(schedule.at[barrier])
 
       def step(t, carry, *, masked: bool):
         acc, m_prev, l_prev = carry
@@ -421,13 +434,13 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
       return first_step + steps if p.persistent else None
 
     if round_robin:
-      # Consumer 0 goes first, then 1, then 2: barrier 0 starts with the
-      # arrivals of 1 and 2, barrier 1 with that of 2. Every consumer takes
-      # as many turns per item (all walk the CTA's blocks), so the order
-      # holds across a persistent CTA's items; the last turns' arrivals are
-      # never waited for.
-      pl.when(wg > 0)(lambda: plgpu.barrier_arrive(schedule.at[0]))
-      pl.when(wg == 2)(lambda: plgpu.barrier_arrive(schedule.at[1]))
+      # Consumer 0 goes first, then 1, then 2 (`FIRST_TURN_ARRIVALS`). Every
+      # consumer takes as many turns per item (all walk the CTA's blocks),
+      # so the order holds across a persistent CTA's items; the last turns'
+      # arrivals are never waited for.
+      for consumer, barrier in FIRST_TURN_ARRIVALS:
+        pl.when(wg == consumer)(
+            functools.partial(plgpu.barrier_arrive, schedule.at[barrier]))
     over_items(consume, jnp.int32(0) if p.persistent else 0)
     plgpu.wait_smem_to_gmem(0)
 
