@@ -183,3 +183,21 @@ def bias_grad_pair(q, k, v, do, bias, **kwargs):
   _, pull = jax.vjp(lambda b: reference.dot_product_attention(
       q, k, v, b, compute_dtype=q.dtype, **kwargs), bias)
   return oracle_dbias, pull(do)[0]
+
+
+def use_three_consumer_forward(monkeypatch, ping_pong: bool) -> None:
+  """Makes the Hopper backend build its forward's parameters with three
+  consumer warpgroups (`ForwardParams.consumers`; ``ping_pong``: the
+  three take turns), as `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles
+  do; the backward keeps its own. Clears jit traces (the backend's jitted
+  forward caches by config); `monkeypatch.undo()` restores, after which
+  the caller clears them again."""
+  from flash_jax.backends import pallas_mosaic_gpu as mosaic
+  shipped = mosaic._params
+
+  def params(*args, forward, **kwargs):
+    p = shipped(*args, forward=forward, **kwargs)
+    return (dataclasses.replace(p, consumers=3, ping_pong=ping_pong)
+            if forward else p)
+  monkeypatch.setattr(mosaic, "_params", params)
+  jax.clear_caches()

@@ -207,6 +207,49 @@ class TestPallasMosaicGpu(AttentionTestBase):
     for a, b in zip(per_tile, persistent):
       np.testing.assert_array_equal(a, b)
 
+  @pytest.mark.parametrize("case, semantics, ping_pong, persistent", [
+      (Case(4, 1023, 1024, 8, 2, 64, 64, True, "bfloat16"), {}, True, None),
+      (Case(2, 517, 700, 6, 2, 40, 40, True, "float16"),
+       dict(logits_soft_cap=30.0, local_window_size=(90, 10)), False, True),
+      (Case(3, 200, 300, 4, 2, 64, 64, True, "bfloat16"),
+       dict(causal_alignment="bottom_right", query_seq_lengths=(200, 61, 0),
+            key_value_seq_lengths=(0, 300, 9)), True, True),
+      (Case(2, 640, 640, 4, 4, 64, 64, True, "bfloat16"),
+       dict(segments=True), True, False),
+      (Case(1, 97, 113, 2, 1, 64, 64, False, "bfloat16"), {}, True, None),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else (
+      "-".join(x) or "plain") if isinstance(x, dict) else repr(x))
+  def test_three_consumer_forward_matches_the_reference(
+      self, rng, monkeypatch, case, semantics, ping_pong, persistent):
+    """The forward with three consumer warpgroups (`ForwardParams.consumers`,
+    not a default yet; ``ping_pong``: the three take turns) meets the
+    reference by the 2x/3x rule (the backward keeps two consumers), with
+    no NaN, and repeats bitwise."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from helpers import use_three_consumer_forward
+    q, k, v, do = draw_inputs(rng, case)
+    semantics = {name: jnp.array(x) if name.endswith("lengths") else x
+                 for name, x in semantics.items()}
+    if semantics.pop("segments", False):
+      ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
+                                  batch=case.batch)
+      semantics.update(query_segment_ids=ids, kv_segment_ids=ids)
+    use_three_consumer_forward(monkeypatch, ping_pong)
+    try:
+      block_sizes = (None if persistent is None
+                     else flash_jax.BlockSizes(persistent=persistent))
+      out, _, _ = self.check_against_reference(
+          q, k, v, do, is_causal=case.is_causal, block_sizes=block_sizes,
+          **semantics)
+      again = self.attend(q, k, v, is_causal=case.is_causal,
+                          block_sizes=block_sizes, **semantics)
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    finally:
+      monkeypatch.undo()
+      jax.clear_caches()
+
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp
     q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,

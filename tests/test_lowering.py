@@ -282,7 +282,7 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
   lowers with lengths, segment ids, GQA tails, soft-cap, either grid and
   either schedule (with ping-pong the three take turns: more barrier
   waits): four warpgroups, registers split 32 / 160."""
-  from flash_jax.backends import pallas_mosaic_gpu as mosaic
+  from helpers import use_three_consumer_forward
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
    cap) = MOSAIC_CASES[name]
   q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
@@ -305,17 +305,11 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
   # the patch, so no case sees another's consumer count.
   jax.clear_caches()
   two = lower_for_h100(forward, *operands)
-  shipped = mosaic._params
 
   def trace(schedule: bool, make):
     """``make(forward, *operands)`` with three consumers, ping-pong
     ``schedule``."""
-    def three_consumers(*args, forward, **kwargs):
-      p = shipped(*args, forward=forward, **kwargs)
-      return (dataclasses.replace(p, consumers=3, ping_pong=schedule)
-              if forward else p)
-    monkeypatch.setattr(mosaic, "_params", three_consumers)
-    jax.clear_caches()   # else jit hands back an earlier trace
+    use_three_consumer_forward(monkeypatch, schedule)
     return make(forward, *operands)
   try:
     jaxprs = {schedule: str(trace(schedule,
