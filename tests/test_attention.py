@@ -6,6 +6,20 @@ from attention_base import AttentionTestBase
 from helpers import Case, draw_inputs, packed_segment_ids
 
 
+
+def _call_semantics(rng, case: Case, semantics: dict) -> dict:
+  """Keyword arguments for a call from a test's semantics: lengths given as
+  tuples become arrays, and ``segments=True`` becomes packed segment ids
+  drawn for ``case`` (the same ids for queries and keys)."""
+  import jax.numpy as jnp
+  semantics = {name: jnp.array(x) if name.endswith("lengths") else x
+               for name, x in semantics.items()}
+  if semantics.pop("segments", False):
+    ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
+                                batch=case.batch)
+    semantics.update(query_segment_ids=ids, kv_segment_ids=ids)
+  return semantics
+
 class TestPallasTriton(AttentionTestBase):
   """Pallas Triton kernels: interpret mode on CPU, compiled on a GPU."""
 
@@ -185,12 +199,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
     import jax.numpy as jnp
     import numpy as np
     q, k, v, _ = draw_inputs(rng, case)
-    semantics = {name: jnp.array(x) if name.endswith("lengths") else x
-                 for name, x in semantics.items()}
-    if semantics.pop("segments", False):
-      ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
-                                  batch=case.batch)
-      semantics.update(query_segment_ids=ids, kv_segment_ids=ids)
+    semantics = _call_semantics(rng, case, semantics)
     monkeypatch.setattr(flash_jax.platform, "sm_count",
                         lambda default=132: sm_count)
 
@@ -226,16 +235,10 @@ class TestPallasMosaicGpu(AttentionTestBase):
     reference by the 2x/3x rule (the backward keeps two consumers), with
     no NaN, and repeats bitwise."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from helpers import use_three_consumer_forward
     q, k, v, do = draw_inputs(rng, case)
-    semantics = {name: jnp.array(x) if name.endswith("lengths") else x
-                 for name, x in semantics.items()}
-    if semantics.pop("segments", False):
-      ids, _ = packed_segment_ids(rng, case.q_seq, case.kv_seq,
-                                  batch=case.batch)
-      semantics.update(query_segment_ids=ids, kv_segment_ids=ids)
+    semantics = _call_semantics(rng, case, semantics)
     use_three_consumer_forward(monkeypatch, ping_pong)
     try:
       block_sizes = (None if persistent is None

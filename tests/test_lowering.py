@@ -230,6 +230,32 @@ def test_ping_pong_reaches_the_mosaic_forward_kernel(head_dim,
   assert default == (ping_pong if default_is_ping_pong else plain)
 
 
+def _mosaic_forward_case(name: str, *, segments: bool, persistent: bool):
+  """``(forward, operands)``: the Hopper forward of ``MOSAIC_CASES[name]``
+  with ``BlockSizes(persistent=persistent)`` as a function of q, k, v,
+  lengths and segment ids (used where the case or ``segments`` says), and
+  abstract operands to lower it with."""
+  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
+   cap) = MOSAIC_CASES[name]
+  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
+                     head_dim, dtype)
+  sd = jax.ShapeDtypeStruct
+  config = AttentionConfig(
+      mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
+      interpret=False, logits_soft_cap=cap,
+      block_sizes=BlockSizes(persistent=persistent))
+
+  def forward(q, k, v, q_lengths, kv_lengths, q_ids, kv_ids):
+    arrays = MaskArrays(
+        q_lengths if lengths else None, kv_lengths if lengths else None,
+        q_segment_ids=q_ids if segments else None,
+        kv_segment_ids=kv_ids if segments else None)
+    return flash_attention(config, q, k, v, None, arrays)
+  operands = (q, k, v, sd((batch,), jnp.int32), sd((batch,), jnp.int32),
+              sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32))
+  return forward, operands
+
+
 @pytest.mark.parametrize("segments", [False, True])
 @pytest.mark.parametrize("name", ["h64_causal_gqa_tails", "h256_window",
                                   "h40_bottom_right_cap",
@@ -238,28 +264,10 @@ def test_persistent_forward_lowers_for_h100(name, segments):
   """The persistent forward grid (`BlockSizes.persistent`) lowers: one CTA
   per SM, Q loaded one tile ahead at head dims up to 128, with segment
   ids, lengths, windows and soft-cap; the per-tile grid stays available."""
-  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
-   cap) = MOSAIC_CASES[name]
-  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
-                     head_dim, dtype)
-  sd = jax.ShapeDtypeStruct
-
   def lowered(persistent):
-    config = AttentionConfig(
-        mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
-        interpret=False, logits_soft_cap=cap,
-        block_sizes=BlockSizes(persistent=persistent))
-
-    def forward(q, k, v, q_lengths, kv_lengths, q_ids, kv_ids):
-      arrays = MaskArrays(
-          q_lengths if lengths else None, kv_lengths if lengths else None,
-          q_segment_ids=q_ids if segments else None,
-          kv_segment_ids=kv_ids if segments else None)
-      return flash_attention(config, q, k, v, None, arrays)
-    return lower_for_h100(forward, q, k, v, sd((batch,), jnp.int32),
-                          sd((batch,), jnp.int32),
-                          sd((batch, q_seq), jnp.int32),
-                          sd((batch, kv_seq), jnp.int32))
+    forward, operands = _mosaic_forward_case(name, segments=segments,
+                                             persistent=persistent)
+    return lower_for_h100(forward, *operands)
   persistent, per_tile = lowered(True), lowered(False)
   for text in (persistent, per_tile):
     assert text.count(f"custom_call @{MOSAIC_CALL}") == 1
@@ -283,24 +291,8 @@ def test_three_consumer_forward_lowers_for_h100(name, segments, persistent,
   either schedule (with ping-pong the three take turns: more barrier
   waits): four warpgroups, registers split 32 / 160."""
   from helpers import use_three_consumer_forward
-  (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
-   cap) = MOSAIC_CASES[name]
-  q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
-                     head_dim, dtype)
-  sd = jax.ShapeDtypeStruct
-  config = AttentionConfig(
-      mask=spec, scale=head_dim ** -0.5, implementation="pallas_mosaic_gpu",
-      interpret=False, logits_soft_cap=cap,
-      block_sizes=BlockSizes(persistent=persistent))
-
-  def forward(q, k, v, q_lengths, kv_lengths, q_ids, kv_ids):
-    arrays = MaskArrays(
-        q_lengths if lengths else None, kv_lengths if lengths else None,
-        q_segment_ids=q_ids if segments else None,
-        kv_segment_ids=kv_ids if segments else None)
-    return flash_attention(config, q, k, v, None, arrays)
-  operands = (q, k, v, sd((batch,), jnp.int32), sd((batch,), jnp.int32),
-              sd((batch, q_seq), jnp.int32), sd((batch, kv_seq), jnp.int32))
+  forward, operands = _mosaic_forward_case(name, segments=segments,
+                                           persistent=persistent)
   # The backend's jitted forward keeps traces by config: clear them around
   # the patch, so no case sees another's consumer count.
   jax.clear_caches()

@@ -467,6 +467,15 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
     plgpu.wait_smem_to_gmem(0)
 
 
+def check_consumers(p: ForwardParams) -> None:
+  """Raises ValueError unless ``p`` has the backward kernels' consumer count:
+  they run CONSUMERS warpgroups of BLOCK rows, so more rows per CTA (a
+  three-consumer forward's params) would go without dQ."""
+  if p.consumers != CONSUMERS:
+    raise ValueError(f"the backward kernels take {CONSUMERS} consumers, "
+                     f"got {p.consumers}")
+
+
 def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
              kv_lengths, dkv_segments=(), dq_segments=()):
   """Returns ``(dq, dk, dv)``.
@@ -486,11 +495,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   tile instead of 7): dQ is summed in float32 in global memory by TMA
   reduce-adds, whose order varies from run to run.
   """
-  if p.consumers != CONSUMERS:
-    # The backward kernels run CONSUMERS warpgroups of BLOCK rows; more rows
-    # per CTA (a three-consumer forward's params) would go without dQ.
-    raise ValueError(f"the backward kernels take {CONSUMERS} consumers, "
-                     f"got {p.consumers}")
+  check_consumers(p)
   kernel = functools.partial(
       plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))

@@ -50,7 +50,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.backward import (
     BLOCK, _dscores, _key_major_probabilities, _logits, _lse_log2,
-    _probabilities, _smem)
+    _probabilities, _smem, check_consumers)
 from flash_jax.backends.pallas_mosaic_gpu.forward import (
     CONSUMERS, PRODUCER, ForwardParams)
 from flash_jax.masks import heavy_first
@@ -345,11 +345,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
              kv_lengths, dkv_segments=(), dq_segments=()):
   """Returns ``(dq, dk, dv)``; the arguments are `backward.backward`'s
   (``dq_segments`` is always used: dQ has its own kernel here)."""
-  if p.consumers != CONSUMERS:
-    # The backward kernels run CONSUMERS warpgroups of BLOCK rows; more rows
-    # per CTA (a three-consumer forward's params) would go without dQ.
-    raise ValueError(f"the backward kernels take {CONSUMERS} consumers, "
-                     f"got {p.consumers}")
+  check_consumers(p)
   kernel = functools.partial(
       plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True))
