@@ -18,7 +18,7 @@ rows and in one process:
 * cuDNN's forward and forward+backward, whose difference is its backward.
 
 With ``--backward-stages`` the backward parts are timed once per ring depth
-of the backward kernels (the shipped `_backward_stages` replaced; the
+of the backward kernels (the shipped `BACKWARD_STAGES` replaced; the
 forward keeps its own), each part's name carrying the depth.
 
 TFLOP/s are given both by FlashAttention's count (backward = 2.5x the
@@ -100,9 +100,9 @@ def use_backward_stages(stages: int | None) -> None:
   from flash_jax.backends import pallas_mosaic_gpu as hopper
   global SHIPPED_BACKWARD_STAGES
   if SHIPPED_BACKWARD_STAGES is None:
-    SHIPPED_BACKWARD_STAGES = hopper._backward_stages
-  hopper._backward_stages = (SHIPPED_BACKWARD_STAGES if stages is None
-                             else lambda padded_head_dim: stages)
+    SHIPPED_BACKWARD_STAGES = hopper.BACKWARD_STAGES
+  hopper.BACKWARD_STAGES = (SHIPPED_BACKWARD_STAGES if stages is None
+                            else stages)
   jax.clear_caches()
 
 

@@ -13,11 +13,13 @@ head dim H, B*T = 16k tokens, N*H = 2048, bf16). A tile is
 ``BLOCK_KVxSTAGES`` with an optional ``xP`` (ping-pong on) or ``xN`` (off),
 without which the backend's default ping-pong choice stays, and an optional
 ``xC<ctas>`` (a persistent grid of that many CTAs, `ForwardParams.persistent`;
-``xC0``: one CTA per tile) and an optional ``xW3`` (three consumer
-warpgroups, `ForwardParams.consumers`: 192 query rows per CTA, head dim 64
-only, set where the backend builds the forward's parameters so that its
-persistent rule and block maps see the 192-row tiles; ping-pong off unless
-the tile has ``P``, with which the three take turns). The first tile
+``xC0``: one CTA per tile) and an optional ``xW3`` or ``xW2`` (three or
+two consumer warpgroups, `ForwardParams.consumers`, in place of the
+backend's choice by head dim and length; three: 192 query rows per CTA,
+head dim 64 only. Set where the backend builds the forward's parameters so
+that its persistent rule and block maps see the tiles; three run with
+ping-pong off unless the tile has ``P``, with which they take turns, two
+with the backend's two-consumer ping-pong choice). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -83,14 +85,15 @@ def use_tile(fields: dict | None) -> None:
     pallas_mosaic_gpu._forward.forward = lambda p, *a: SHIPPED_FORWARD(
         dataclasses.replace(p, **fields), *a)
     if consumers is not None:
-      def params(*args, forward, **kwargs):
-        p = SHIPPED_PARAMS(*args, forward=forward, **kwargs)
+      def params(config, *args, forward, **kwargs):
+        p = SHIPPED_PARAMS(config, *args, forward=forward, **kwargs)
         if not forward:
           return p
-        # Three consumers take turns only where the tile says P.
-        return dataclasses.replace(
-            p, consumers=consumers,
-            ping_pong=p.ping_pong if consumers == 2 else False)
+        # Two consumers take the backend's ping-pong choice for two; three
+        # take turns only where the tile says P.
+        two_way = pallas_mosaic_gpu._ping_pong(config, p.head_dim)
+        return dataclasses.replace(p, consumers=consumers,
+                                   ping_pong=two_way and consumers == 2)
       pallas_mosaic_gpu._params = params
   jax.clear_caches()
 

@@ -253,6 +253,35 @@ class TestPallasMosaicGpu(AttentionTestBase):
       monkeypatch.undo()
       jax.clear_caches()
 
+  @pytest.mark.parametrize("case, deterministic", [
+      (Case(1, 2100, 2200, 4, 2, 64, 64, False, "bfloat16"), True),
+      (Case(1, 8192, 8192, 2, 1, 64, 64, True, "bfloat16"), True),
+      (Case(2, 2048, 2048, 2, 2, 40, 40, False, "float16"), False),
+  ], ids=str)
+  def test_default_three_consumer_forward_matches_the_reference(
+      self, rng, case, deterministic):
+    """Where the backend picks three forward consumers by itself
+    (`THREE_CONSUMERS_FROM_Q_SEQ`; checked first, so the case cannot
+    silently run two), forward and gradients meet the 2x/3x rule, with no
+    NaN, and repeat bitwise (the gradients too, if deterministic)."""
+    import jax
+    import numpy as np
+    from flash_jax import api
+    from flash_jax.backends import pallas_mosaic_gpu as mosaic
+    q, k, v, do = draw_inputs(rng, case)
+    call = api.canonicalize(q, k, v, is_causal=case.is_causal)
+    assert mosaic._params(call.config, q, k, call.arrays,
+                          forward=True).consumers == 3
+    options = dict(deterministic=deterministic)
+    out, _, grads = self.check_against_reference(
+        q, k, v, do, is_causal=case.is_causal, options=options)
+    again, pull = jax.vjp(lambda q, k, v: self.attend(
+        q, k, v, is_causal=case.is_causal, **options), q, k, v)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    if deterministic:
+      for first, second in zip(grads, pull(do)):
+        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp
     q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,

@@ -472,6 +472,25 @@ def test_hopper_tile_probe_consumers_reach_only_the_forward_params():
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
 
 
+def test_hopper_tile_probe_two_consumer_tile_takes_the_two_way_schedule():
+  """Where the shipped rule picks three consumers (head dim 64, T=4096), a
+  ``W2`` tile gives two with the backend's ping-pong for two."""
+  from benchmarks import hopper_tile_probe as probe
+  from flash_jax import api
+  from flash_jax.backends import pallas_mosaic_gpu
+  q = jnp.ones((1, 4096, 2, 64), jnp.bfloat16)
+  call = api.canonicalize(q, q, q)
+  params = lambda: pallas_mosaic_gpu._params(
+      call.config, q, q, call.arrays, forward=True)
+  assert params().consumers == 3 and not params().ping_pong
+  probe.use_tile(probe.parse_tile("128x2xW2"))
+  try:
+    assert params().consumers == 2 and params().ping_pong
+  finally:
+    probe.use_tile(None)
+  assert params().consumers == 3
+
+
 def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
   from benchmarks import hopper_tile_probe as probe
   from flash_jax import api
@@ -499,16 +518,16 @@ def test_backward_probe_stage_switch_reaches_only_the_backward_params():
   call = api.canonicalize(q, q, q)
   params = lambda forward: pallas_mosaic_gpu._params(
       call.config, q, q, call.arrays, forward=forward)
-  shipped = pallas_mosaic_gpu._backward_stages
-  assert params(False).stages == 3
+  shipped = pallas_mosaic_gpu.BACKWARD_STAGES
+  assert params(False).stages == shipped == 2
   probe.use_backward_stages(4)
   try:
     assert params(False).stages == 4
     assert params(True).stages == pallas_mosaic_gpu.FORWARD_STAGES
   finally:
     probe.use_backward_stages(None)
-  assert pallas_mosaic_gpu._backward_stages is shipped
-  assert params(False).stages == 3
+  assert pallas_mosaic_gpu.BACKWARD_STAGES == shipped
+  assert params(False).stages == shipped
 
 
 def test_hopper_tile_probe_once_takes_a_tile(monkeypatch):

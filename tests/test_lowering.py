@@ -340,19 +340,25 @@ MOSAIC_CASES = {
                                      MaskSpec(is_causal=True,
                                               align_to_lengths=True),
                                      True, None),
+    # Long enough for three forward consumers by default
+    # (`THREE_CONSUMERS_FROM_Q_SEQ`), with GQA and tails.
+    "h64_long_gqa_tails": (1, 2100, 2200, 4, 2, 64, jnp.bfloat16, MaskSpec(),
+                           True, None),
 }
 
 
 @pytest.mark.parametrize("name, ping_pong, deterministic", [
     (name, False, True) for name in sorted(MOSAIC_CASES)] + [
     ("h128", True, True), ("h64_causal_gqa_tails", True, True)] + [
-    (name, False, False) for name in sorted(MOSAIC_CASES)])
+    (name, False, False) for name in sorted(MOSAIC_CASES)] + [
+    ("h64_long_gqa_tails", None, True), ("h64_long_gqa_tails", None, False)])
 def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
   """The Hopper backend's forward and backward kernels lower through Mosaic
-  GPU, with and without the ping-pong schedule, and with
-  ``deterministic=False`` (one backward kernel, dQ reduce-added into a
-  float32 buffer aliased in place; at head dim 256 the backward is the
-  same two `backward_wide` kernels either way)."""
+  GPU, with and without the ping-pong schedule, with the backend's own
+  choice (``ping_pong`` None: at ``h64_long_gqa_tails`` a three-consumer
+  forward), and with ``deterministic=False`` (one backward kernel, dQ
+  reduce-added into a float32 buffer aliased in place; at head dim 256 the
+  backward is the same two `backward_wide` kernels either way)."""
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
    cap) = MOSAIC_CASES[name]
   config = AttentionConfig(
@@ -363,6 +369,10 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
   q, k, v = _structs(batch, q_seq, kv_seq, heads, kv_heads, head_dim,
                      head_dim, dtype)
   length = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  if ping_pong is None:
+    from flash_jax.backends import pallas_mosaic_gpu
+    assert pallas_mosaic_gpu._params(config, q, k, MaskArrays(),
+                                     forward=True).consumers == 3
 
   def loss(q, k, v, q_lengths, kv_lengths):
     arrays = MaskArrays(q_lengths, kv_lengths) if lengths else MaskArrays()

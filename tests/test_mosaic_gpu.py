@@ -6,6 +6,8 @@ test_lowering.py and run by TestPallasMosaicGpu on an H100."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -426,18 +428,63 @@ def test_backward_kernels_refuse_three_consumer_params():
       module.backward(p, *[None] * 8)
 
 
-@pytest.mark.parametrize("head_dim, backward_stages", [
-    (40, 3), (64, 3), (128, 2), (200, 2)])
-def test_forward_and_backward_ring_depths(head_dim, backward_stages):
-  """The forward's K/V ring has `FORWARD_STAGES` slots at every head dim;
-  the backward keeps its own depth (3 at head dim 64, where its rings fit),
-  so a forward-only tuning cannot move the backward kernels."""
+@pytest.mark.parametrize("head_dim", [40, 64, 128, 200])
+def test_forward_and_backward_ring_depths(head_dim, monkeypatch):
+  """The forward's K/V ring has `FORWARD_STAGES` slots at every head dim
+  and the backward's rings `BACKWARD_STAGES`, each read on its own, so a
+  forward-only tuning cannot move the backward kernels."""
   q = jnp.ones((1, 256, 2, head_dim), jnp.bfloat16)
   call = flash_jax.api.canonicalize(q, q, q)
   params = lambda forward: mosaic._params(call.config, q, q, call.arrays,
                                           forward=forward)
   assert params(True).stages == mosaic.FORWARD_STAGES == 2
-  assert params(False).stages == backward_stages
+  assert params(False).stages == mosaic.BACKWARD_STAGES == 2
+  monkeypatch.setattr(mosaic, "BACKWARD_STAGES", 3)
+  assert (params(True).stages, params(False).stages) == (2, 3)
+
+
+@pytest.mark.parametrize("head_dim, q_seq, kv_seq, semantics, consumers", [
+    (64, 2048, 2048, {}, 3),
+    (40, 4096, 512, {}, 3),          # head dim 40 pads to 64
+    (64, 2047, 2048, {}, 2),
+    (64, 1024, 4096, {}, 2),
+    (128, 4096, 4096, {}, 2),
+    (64, 8192, 8192, dict(is_causal=True), 3),
+    (64, 4096, 4096, dict(is_causal=True), 2),
+    (64, 8192, 8192, dict(is_causal=True, local_window_size=(512, 0)), 2),
+    (64, 4096, 4096, dict(local_window_size=256), 2),
+    (64, 4096, 4096, dict(segments=True), 2),
+    (64, 4096, 4096, dict(ping_pong=True), 2),
+    (64, 4096, 4096, dict(ping_pong=False), 2),
+    (64, 4096, 4096, dict(persistent=False), 3),
+], ids=str)
+def test_forward_consumer_rule(head_dim, q_seq, kv_seq, semantics,
+                               consumers):
+  """`THREE_CONSUMERS_FROM_Q_SEQ`: the head-dim-64 forward takes three
+  consumer warpgroups (ping-pong off) from 2048 query rows without a causal
+  mask and 8192 with one; windows, segment ids and an explicit
+  `BlockSizes.ping_pong` keep two; the backward always has two."""
+  semantics = dict(semantics)
+  tiling = {f: semantics.pop(f) for f in ("ping_pong", "persistent")
+            if f in semantics}
+  if semantics.pop("segments", False):
+    semantics["query_segment_ids"] = jnp.ones((1, q_seq), jnp.int32)
+    semantics["kv_segment_ids"] = jnp.ones((1, kv_seq), jnp.int32)
+  q = jnp.ones((1, q_seq, 2, head_dim), jnp.bfloat16)
+  kv = jnp.ones((1, kv_seq, 2, head_dim), jnp.bfloat16)
+  call = flash_jax.api.canonicalize(q, kv, kv, **semantics)
+  config = dataclasses.replace(
+      call.config,
+      block_sizes=flash_jax.BlockSizes(**tiling) if tiling else None)
+  params = lambda forward: mosaic._params(config, call.query, call.key,
+                                          call.arrays, forward=forward)
+  forward, backward = params(True), params(False)
+  assert forward.consumers == consumers
+  assert forward.rows_per_cta == 64 * consumers
+  expected_ping_pong = (consumers == 2 and tiling.get("ping_pong", True)
+                        and mosaic._padded_head_dim(head_dim) <= 128)
+  assert forward.ping_pong == expected_ping_pong
+  assert backward.consumers == 2
 
 
 def test_exp2_tanh_matches_tanh():

@@ -118,9 +118,26 @@ PING_PONG_HEAD_DIMS = (64, 128)
 FORWARD_STAGES = 2
 
 
-def _backward_stages(padded_head_dim: int) -> int:
-  """The backward kernels' ring depth (their Q/dO or K/V rings)."""
-  return 3 if padded_head_dim <= 64 else 2
+# Ring depth of the backward kernels (their Q/dO or K/V rings). Head dim 64
+# had three until session 16; two measured faster on an H100 in two runs
+# (`backward_probe.py --backward-stages 3,2`, B=4 T=4k N=32): backward 3.850
+# -> 3.719 ms and 3.835 -> 3.691 ms (its dQ kernel 1.684 -> 1.566 and 1.638
+# -> 1.529), causal equal (2.098 -> 2.092). At 128 and 256 three do not fit.
+BACKWARD_STAGES = 2
+
+# The head-dim-64 forward runs three consumer warpgroups (192 query rows per
+# CTA, `ForwardParams.consumers`; ping-pong off: their round-robin turns
+# measured 0.77-0.88x cuDNN against 0.95-1.05x without) from these query
+# lengths on, without / with a causal mask, and two below. H100, session 16
+# (`hopper_tile_probe.py`, tiles 128x2 -> 128x2xW3, B*T = 16k, N*H = 2048,
+# forward / cuDNN's; two runs at 4k):
+#   non-causal T = 1k 1.08 -> 1.05, 2k 0.99 -> 1.07, 4k 1.01 -> 1.04 and
+#     1.03 -> 1.07, 8k 0.97 -> 1.06, 16k 1.00 -> 1.05;
+#   causal T = 1k 1.08 -> 0.88, 2k 1.02 -> 0.99, 4k 0.96 -> 0.94 and 0.95
+#     -> 0.92, 8k 0.98 -> 1.01, 16k 1.05 -> 1.09.
+# Short causal tiles lose to the 192-row tiles' larger masked diagonal.
+# Windows and segment ids were not measured and keep two.
+THREE_CONSUMERS_FROM_Q_SEQ = {False: 2048, True: 8192}
 
 
 def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
@@ -128,6 +145,18 @@ def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
   if chosen is None:
     return padded_head_dim in PING_PONG_HEAD_DIMS
   return chosen
+
+
+def _consumers(config: AttentionConfig, padded_head_dim: int, q_seq: int,
+               segments: bool) -> int:
+  """The forward's consumer warpgroups (see `THREE_CONSUMERS_FROM_Q_SEQ`).
+  An explicit `BlockSizes.ping_pong` keeps two, the schedule it names."""
+  spec = config.mask
+  if (padded_head_dim != 64 or segments
+      or (config.block_sizes and config.block_sizes.ping_pong is not None)
+      or spec.window_left is not None or spec.window_right is not None):
+    return 2
+  return 3 if q_seq >= THREE_CONSUMERS_FROM_Q_SEQ[spec.is_causal] else 2
 
 
 def persistent_ctas(sm_count: int, tiles_per_head: int) -> int:
@@ -183,15 +212,18 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
   batch, q_seq, num_heads, head_dim = query.shape
   padded = _padded_head_dim(head_dim)
   block_kv = 64 if padded > 128 else 128
+  segments = arrays.q_segment_ids is not None
+  consumers = (_consumers(config, padded, q_seq, segments) if forward
+               else _forward.CONSUMERS)
   return _forward.ForwardParams(
       batch=batch, q_seq=q_seq, kv_seq=key.shape[1], num_heads=num_heads,
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
-      stages=FORWARD_STAGES if forward else _backward_stages(padded),
-      ping_pong=_ping_pong(config, padded),
-      fused_dq=not config.deterministic,
-      segments=arrays.q_segment_ids is not None)
+      stages=FORWARD_STAGES if forward else BACKWARD_STAGES,
+      ping_pong=_ping_pong(config, padded) and consumers == 2,
+      consumers=consumers, fused_dq=not config.deterministic,
+      segments=segments)
 
 
 def _lengths(lengths, batch: int, full: int):
