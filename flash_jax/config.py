@@ -43,9 +43,11 @@ class BlockSizes:
     ping_pong: the Hopper backend's forward only: its two consumer
       warpgroups take turns on the tensor cores (FlashAttention-3's
       ping-pong schedule), so one's softmax overlaps the other's matrix
-      products. None (the default) turns it on for head dims padded to 128,
-      where it measured faster on an H100, and off for 64 and 256, where
-      it did not.
+      products. None (the default) turns it on for head dims padded to 64
+      and 128, where it measured faster on an H100, and off for 256, where
+      it did not; at head dim 64 from 2048 query rows (8192 causal) the
+      backend runs three consumer warpgroups without it instead. Setting
+      it (True or False) keeps two consumers at every length.
     persistent: the Hopper backend's forward only: a persistent grid of
       about one CTA per SM, each CTA walking its share of the query tiles
       and streaming keys and values without a break between them (and

@@ -231,7 +231,7 @@ class TestPallasMosaicGpu(AttentionTestBase):
   def test_three_consumer_forward_matches_the_reference(
       self, rng, monkeypatch, case, semantics, ping_pong, persistent):
     """The forward with three consumer warpgroups (`ForwardParams.consumers`,
-    not a default yet; ``ping_pong``: the three take turns) meets the
+    forced here at any length; ``ping_pong``: the three take turns) meets the
     reference by the 2x/3x rule (the backward keeps two consumers), with
     no NaN, and repeats bitwise."""
     import jax

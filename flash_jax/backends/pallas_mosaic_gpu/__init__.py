@@ -12,7 +12,12 @@ persistent grid where `persistent_forward` says so (bitwise the same
 results). Session 15 made ping-pong and a 2-stage ring the head-dim-64
 forward's defaults; the 97 cases of the GPU class that run it (head dims
 40 and 64, persistent, ping-pong, segment ids, the parameterless feature
-cases) passed again on that forward.
+cases) passed again on that forward. Session 16 gave the head-dim-64
+forward three consumer warpgroups from 2048 query rows (8192 causal;
+`THREE_CONSUMERS_FROM_Q_SEQ`) and the head-dim-64 backward a 2-stage ring
+(`BACKWARD_STAGES`); 83 GPU cases that run those kernels passed (head
+dims 40 and 64 gradients, the default and forced three-consumer forwards,
+segment ids, determinism, the parameterless feature cases).
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
