@@ -225,8 +225,9 @@ IMPLEMENTATIONS: dict[str, Callable] = {
     "flash_jax": _flash("pallas_triton"),
     "flash_jax_default": _flash(None),
     # The Hopper backend, as its own column (sm90 only), with its defaults
-    # and with the ping-pong schedule forced on and off (the default takes
-    # it for head dim 128 only).
+    # and with the ping-pong schedule forced on and off (either keeps two
+    # consumer warpgroups; the default takes ping-pong at head dims 64 and
+    # 128, except where it runs three consumers at 64).
     "flash_jax_mosaic": _flash("pallas_mosaic_gpu"),
     "flash_jax_mosaic_pingpong": _flash(
         "pallas_mosaic_gpu", flash_jax.BlockSizes(ping_pong=True)),

@@ -19,7 +19,9 @@ backend's choice by head dim and length; three: 192 query rows per CTA,
 head dim 64 only. Set where the backend builds the forward's parameters so
 that its persistent rule and block maps see the tiles; three run with
 ping-pong off unless the tile has ``P``, with which they take turns, two
-with the backend's two-consumer ping-pong choice). The first tile
+with the backend's two-consumer ping-pong choice). A tile with ``P`` or
+``N`` and no ``W`` runs two consumers, as ``BlockSizes(ping_pong=)`` does
+in the backend. The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -74,14 +76,18 @@ def parse_tile(spec: str) -> dict:
 def use_tile(fields: dict | None) -> None:
   """Makes the Hopper forward kernel's parameters take ``fields`` (None:
   the shipped ones). ``consumers`` is set where the backend builds the
-  forward's parameters (`pallas_mosaic_gpu._params`, with ping-pong off
-  unless ``fields`` turn it on); the other fields just before the
-  kernel."""
+  forward's parameters (`pallas_mosaic_gpu._params`; three with ping-pong
+  off, two with the backend's two-consumer choice, unless ``fields`` set
+  ``ping_pong``); the other fields just before the kernel. A ``ping_pong``
+  without ``consumers`` means two consumers, as `BlockSizes.ping_pong`
+  does in the backend."""
   pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
   pallas_mosaic_gpu._params = SHIPPED_PARAMS
   if fields is not None:
     fields = dict(fields)
     consumers = fields.pop("consumers", None)
+    if consumers is None and "ping_pong" in fields:
+      consumers = 2
     pallas_mosaic_gpu._forward.forward = lambda p, *a: SHIPPED_FORWARD(
         dataclasses.replace(p, **fields), *a)
     if consumers is not None:

@@ -45,7 +45,8 @@ class BlockSizes:
       ping-pong schedule), so one's softmax overlaps the other's matrix
       products. None (the default) turns it on for head dims padded to 64
       and 128, where it measured faster on an H100, and off for 256, where
-      it did not; at head dim 64 from 2048 query rows (8192 causal) the
+      it did not; at head dim 64 from 2048 query rows (8192 causal; no
+      window or segment ids; at least 8 such 192-row tiles per SM) the
       backend runs three consumer warpgroups without it instead. Setting
       it (True or False) keeps two consumers at every length.
     persistent: the Hopper backend's forward only: a persistent grid of

@@ -259,28 +259,44 @@ class TestPallasMosaicGpu(AttentionTestBase):
       (Case(2, 2048, 2048, 2, 2, 40, 40, False, "float16"), False),
   ], ids=str)
   def test_default_three_consumer_forward_matches_the_reference(
-      self, rng, case, deterministic):
+      self, rng, monkeypatch, case, deterministic):
     """Where the backend picks three forward consumers by itself
-    (`THREE_CONSUMERS_FROM_Q_SEQ`; checked first, so the case cannot
-    silently run two), forward and gradients meet the 2x/3x rule, with no
-    NaN, and repeat bitwise (the gradients too, if deterministic)."""
+    (`THREE_CONSUMERS_FROM_Q_SEQ`; on a GPU patched to 4 SMs, so that these
+    grids pass the tiles-per-SM floor and a persistent CTA walks many tiles;
+    the pick is checked first, so the case cannot silently run two), the
+    Mosaic kernels run, forward and gradients meet the 2x/3x rule with no
+    NaN, results repeat bitwise (the gradients too, if deterministic), and
+    one CTA per tile gives the same forward bits as the default grid."""
     import jax
     import numpy as np
     from flash_jax import api
     from flash_jax.backends import pallas_mosaic_gpu as mosaic
     q, k, v, do = draw_inputs(rng, case)
-    call = api.canonicalize(q, k, v, is_causal=case.is_causal)
-    assert mosaic._params(call.config, q, k, call.arrays,
-                          forward=True).consumers == 3
-    options = dict(deterministic=deterministic)
-    out, _, grads = self.check_against_reference(
-        q, k, v, do, is_causal=case.is_causal, options=options)
-    again, pull = jax.vjp(lambda q, k, v: self.attend(
-        q, k, v, is_causal=case.is_causal, **options), q, k, v)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
-    if deterministic:
-      for first, second in zip(grads, pull(do)):
-        np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+    monkeypatch.setattr(flash_jax.platform, "sm_count",
+                        lambda default=132: 4)
+    jax.clear_caches()   # the backend's jitted forward caches by config
+    try:
+      call = api.canonicalize(q, k, v, is_causal=case.is_causal)
+      assert mosaic._params(call.config, q, k, call.arrays,
+                            forward=True).consumers == 3
+      options = dict(deterministic=deterministic)
+      attend = lambda q, k, v, **extra: self.attend(
+          q, k, v, is_causal=case.is_causal, **options, **extra)
+      assert "mosaic_gpu" in jax.jit(attend).lower(q, k, v).as_text()
+      out, _, grads = self.check_against_reference(
+          q, k, v, do, is_causal=case.is_causal, options=options)
+      again, pull = jax.vjp(attend, q, k, v)
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+      if deterministic:
+        for first, second in zip(grads, pull(do)):
+          np.testing.assert_array_equal(np.asarray(first),
+                                        np.asarray(second))
+      per_tile = attend(q, k, v,
+                        block_sizes=flash_jax.BlockSizes(persistent=False))
+      np.testing.assert_array_equal(np.asarray(out), np.asarray(per_tile))
+    finally:
+      monkeypatch.undo()
+      jax.clear_caches()
 
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp

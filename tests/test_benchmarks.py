@@ -472,9 +472,12 @@ def test_hopper_tile_probe_consumers_reach_only_the_forward_params():
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
 
 
-def test_hopper_tile_probe_two_consumer_tile_takes_the_two_way_schedule():
-  """Where the shipped rule picks three consumers (head dim 64, T=4096), a
-  ``W2`` tile gives two with the backend's ping-pong for two."""
+def test_hopper_tile_probe_two_consumer_tile_takes_the_two_way_schedule(
+    monkeypatch):
+  """Where the shipped rule picks three consumers (head dim 64, T=4096, on
+  two SMs), a ``W2`` tile gives two with the backend's ping-pong for two,
+  and ``P`` or ``N`` without ``W`` two as well (as `BlockSizes.ping_pong`
+  does)."""
   from benchmarks import hopper_tile_probe as probe
   from flash_jax import api
   from flash_jax.backends import pallas_mosaic_gpu
@@ -482,12 +485,15 @@ def test_hopper_tile_probe_two_consumer_tile_takes_the_two_way_schedule():
   call = api.canonicalize(q, q, q)
   params = lambda: pallas_mosaic_gpu._params(
       call.config, q, q, call.arrays, forward=True)
+  monkeypatch.setattr(pallas_mosaic_gpu.platform, "sm_count",
+                      lambda default=132: 2)
   assert params().consumers == 3 and not params().ping_pong
-  probe.use_tile(probe.parse_tile("128x2xW2"))
-  try:
-    assert params().consumers == 2 and params().ping_pong
-  finally:
-    probe.use_tile(None)
+  for tile in ("128x2xW2", "128x2xN", "128x2xP"):
+    probe.use_tile(probe.parse_tile(tile))
+    try:   # (P and N reach the kernel's params later, in its wrapper)
+      assert params().consumers == 2 and params().ping_pong
+    finally:
+      probe.use_tile(None)
   assert params().consumers == 3
 
 

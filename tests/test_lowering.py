@@ -352,11 +352,13 @@ MOSAIC_CASES = {
     ("h128", True, True), ("h64_causal_gqa_tails", True, True)] + [
     (name, False, False) for name in sorted(MOSAIC_CASES)] + [
     ("h64_long_gqa_tails", None, True), ("h64_long_gqa_tails", None, False)])
-def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
+def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic,
+                                           monkeypatch):
   """The Hopper backend's forward and backward kernels lower through Mosaic
   GPU, with and without the ping-pong schedule, with the backend's own
-  choice (``ping_pong`` None: at ``h64_long_gqa_tails`` a three-consumer
-  forward), and with ``deterministic=False`` (one backward kernel, dQ
+  choice (``ping_pong`` None: at ``h64_long_gqa_tails``, on a 4-SM GPU so
+  that its grid passes the tiles-per-SM floor, a three-consumer forward),
+  and with ``deterministic=False`` (one backward kernel, dQ
   reduce-added into a float32 buffer aliased in place; at head dim 256 the
   backward is the same two `backward_wide` kernels either way)."""
   (batch, q_seq, kv_seq, heads, kv_heads, head_dim, dtype, spec, lengths,
@@ -371,6 +373,9 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
   length = jax.ShapeDtypeStruct((batch,), jnp.int32)
   if ping_pong is None:
     from flash_jax.backends import pallas_mosaic_gpu
+    monkeypatch.setattr(flash_jax.platform, "sm_count",
+                        lambda default=132: 4)
+    jax.clear_caches()   # the backend's jitted forward caches by config
     assert pallas_mosaic_gpu._params(config, q, k, MaskArrays(),
                                      forward=True).consumers == 3
 
@@ -382,6 +387,8 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic):
 
   text = lower_for_h100(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, k, v,
                         length, length)
+  if ping_pong is None:
+    jax.clear_caches()   # no later test may reuse the 4-SM trace
   mosaic_kernels = text.count(f"custom_call @{MOSAIC_CALL}")
   triton_kernels = text.count(TRITON_CALL)
   aliased = "output_operand_alias" in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import flash_jax
 from flash_jax.backends import pallas_mosaic_gpu as mosaic
 from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.backends.pallas_mosaic_gpu.forward import BLOCK_Q, CONSUMERS
-from flash_jax.masks import MaskSpec
+from flash_jax.masks import MaskArrays, MaskSpec
 from helpers import Case, draw_inputs
 from test_masks import _dense, _random_spec
 
@@ -459,11 +460,13 @@ def test_forward_and_backward_ring_depths(head_dim, monkeypatch):
     (64, 4096, 4096, dict(persistent=False), 3),
 ], ids=str)
 def test_forward_consumer_rule(head_dim, q_seq, kv_seq, semantics,
-                               consumers):
+                               consumers, monkeypatch):
   """`THREE_CONSUMERS_FROM_Q_SEQ`: the head-dim-64 forward takes three
   consumer warpgroups (ping-pong off) from 2048 query rows without a causal
   mask and 8192 with one; windows, segment ids and an explicit
-  `BlockSizes.ping_pong` keep two; the backward always has two."""
+  `BlockSizes.ping_pong` keep two; the backward always has two. (Two SMs
+  here, so that these one-row grids pass the tiles-per-SM floor.)"""
+  monkeypatch.setattr(flash_jax.platform, "sm_count", lambda default=132: 2)
   semantics = dict(semantics)
   tiling = {f: semantics.pop(f) for f in ("ping_pong", "persistent")
             if f in semantics}
@@ -485,6 +488,26 @@ def test_forward_consumer_rule(head_dim, q_seq, kv_seq, semantics,
                         and mosaic._padded_head_dim(head_dim) <= 128)
   assert forward.ping_pong == expected_ping_pong
   assert backward.consumers == 2
+
+
+@pytest.mark.parametrize("batch, heads, sm_count, consumers", [
+    (1, 2, 132, 2),     # 2 x 43 tiles of 192 rows: under 8 per SM
+    (1, 2, 10, 3),      # 86 tiles >= 8 x 10
+    (1, 2, 11, 2),      # 86 < 8 x 11
+    (4, 32, 132, 3),    # issue 6's 4k row at B*T = 16k tokens: 2816 tiles
+])
+def test_three_consumers_need_tiles_for_every_sm(batch, heads, sm_count,
+                                                 consumers, monkeypatch):
+  """`THREE_CONSUMERS_MIN_TILES_PER_SM`: a grid with fewer 192-row tiles
+  than 8 per SM keeps two consumers, however long its rows."""
+  monkeypatch.setattr(flash_jax.platform, "sm_count",
+                      lambda default=132: sm_count)
+  q_seq = 8192 if heads == 2 else 4096
+  q = jax.ShapeDtypeStruct((batch, q_seq, heads, 64), jnp.bfloat16)
+  small = jnp.ones((1, 16, 1, 64), jnp.bfloat16)
+  config = flash_jax.api.canonicalize(small, small, small).config
+  p = mosaic._params(config, q, q, MaskArrays(), forward=True)
+  assert p.consumers == consumers
 
 
 def test_exp2_tanh_matches_tanh():

@@ -14,10 +14,15 @@ forward's defaults; the 97 cases of the GPU class that run it (head dims
 40 and 64, persistent, ping-pong, segment ids, the parameterless feature
 cases) passed again on that forward. Session 16 gave the head-dim-64
 forward three consumer warpgroups from 2048 query rows (8192 causal;
-`THREE_CONSUMERS_FROM_Q_SEQ`) and the head-dim-64 backward a 2-stage ring
-(`BACKWARD_STAGES`); 83 GPU cases that run those kernels passed (head
-dims 40 and 64 gradients, the default and forced three-consumer forwards,
-segment ids, determinism, the parameterless feature cases).
+`THREE_CONSUMERS_FROM_Q_SEQ`, without windows or segment ids) and the
+head-dim-64 backward a 2-stage ring (`BACKWARD_STAGES`); 83 GPU cases that
+run those kernels passed (head dims 40 and 64 gradients, the default and
+forced three-consumer forwards, segment ids, determinism, the
+parameterless feature cases). The floor of 8 tiles per SM
+(`THREE_CONSUMERS_MIN_TILES_PER_SM`) came after those runs; it only
+returns small grids to the two-consumer forward they also passed, and the
+reworked default-three-consumer GPU test (4 patched SMs, persistent
+against per-tile bits) has not run on a GPU yet.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -132,17 +137,21 @@ BACKWARD_STAGES = 2
 
 # The head-dim-64 forward runs three consumer warpgroups (192 query rows per
 # CTA, `ForwardParams.consumers`; ping-pong off: their round-robin turns
-# measured 0.77-0.88x cuDNN against 0.95-1.05x without) from these query
-# lengths on, without / with a causal mask, and two below. H100, session 16
-# (`hopper_tile_probe.py`, tiles 128x2 -> 128x2xW3, B*T = 16k, N*H = 2048,
-# forward / cuDNN's; two runs at 4k):
+# measured 0.77-0.94x cuDNN against 0.94-1.09x without, session 16 call 1)
+# from these query lengths on, without / with a causal mask, and two below.
+# H100, session 16 (`hopper_tile_probe.py`, tiles 128x2 -> 128x2xW3, B*T =
+# 16k, N*H = 2048, forward / cuDNN's; two runs at 4k, three at 4k causal):
 #   non-causal T = 1k 1.08 -> 1.05, 2k 0.99 -> 1.07, 4k 1.01 -> 1.04 and
 #     1.03 -> 1.07, 8k 0.97 -> 1.06, 16k 1.00 -> 1.05;
 #   causal T = 1k 1.08 -> 0.88, 2k 1.02 -> 0.99, 4k 0.96 -> 0.94 and 0.95
 #     -> 0.92, 8k 0.98 -> 1.01, 16k 1.05 -> 1.09.
 # Short causal tiles lose to the 192-row tiles' larger masked diagonal.
-# Windows and segment ids were not measured and keep two.
+# Windows and segment ids were not measured and keep two. Every measured row
+# had about 21 query tiles of 192 rows per SM; with few tiles per SM the
+# last round's idle SMs could outweigh the gain (not measured), so a grid of
+# fewer than `THREE_CONSUMERS_MIN_TILES_PER_SM` such tiles per SM keeps two.
 THREE_CONSUMERS_FROM_Q_SEQ = {False: 2048, True: 8192}
+THREE_CONSUMERS_MIN_TILES_PER_SM = 8
 
 
 def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
@@ -152,16 +161,19 @@ def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
   return chosen
 
 
-def _consumers(config: AttentionConfig, padded_head_dim: int, q_seq: int,
-               segments: bool) -> int:
+def _consumers(config: AttentionConfig, padded_head_dim: int, batch: int,
+               num_heads: int, q_seq: int, segments: bool) -> int:
   """The forward's consumer warpgroups (see `THREE_CONSUMERS_FROM_Q_SEQ`).
   An explicit `BlockSizes.ping_pong` keeps two, the schedule it names."""
   spec = config.mask
   if (padded_head_dim != 64 or segments
       or (config.block_sizes and config.block_sizes.ping_pong is not None)
-      or spec.window_left is not None or spec.window_right is not None):
+      or spec.window_left is not None or spec.window_right is not None
+      or q_seq < THREE_CONSUMERS_FROM_Q_SEQ[spec.is_causal]):
     return 2
-  return 3 if q_seq >= THREE_CONSUMERS_FROM_Q_SEQ[spec.is_causal] else 2
+  tiles = batch * num_heads * math.ceil(q_seq / (3 * _forward.BLOCK_Q))
+  enough = tiles >= THREE_CONSUMERS_MIN_TILES_PER_SM * platform.sm_count()
+  return 3 if enough else 2
 
 
 def persistent_ctas(sm_count: int, tiles_per_head: int) -> int:
@@ -218,8 +230,8 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
   padded = _padded_head_dim(head_dim)
   block_kv = 64 if padded > 128 else 128
   segments = arrays.q_segment_ids is not None
-  consumers = (_consumers(config, padded, q_seq, segments) if forward
-               else _forward.CONSUMERS)
+  consumers = (_consumers(config, padded, batch, num_heads, q_seq, segments)
+               if forward else _forward.CONSUMERS)
   return _forward.ForwardParams(
       batch=batch, q_seq=q_seq, kv_seq=key.shape[1], num_heads=num_heads,
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,

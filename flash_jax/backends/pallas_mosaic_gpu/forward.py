@@ -51,7 +51,7 @@ a fixed rotation, 0, 1, 2, 0, ...: each waits on its own barrier for the
 other two to have issued since its last product (FlashAttention-3's
 scheduler barrier for three warpgroups), so each softmax overlaps two
 other consumers' products. That rotation measured slower than none (0.77-
-0.88x cuDNN against 0.93-1.07x, H100, session 16), so the backend runs three
+0.94x cuDNN against 0.94-1.09x, H100, session 16), so the backend runs three
 consumers without it (`THREE_CONSUMERS_FROM_Q_SEQ` in the backend says
 where).
 """
