@@ -21,7 +21,10 @@ that its persistent rule and block maps see the tiles; three run with
 ping-pong off unless the tile has ``P``, with which they take turns, two
 with the backend's two-consumer ping-pong choice). A tile with ``P`` or
 ``N`` and no ``W`` runs two consumers, as ``BlockSizes(ping_pong=)`` does
-in the backend. The first tile
+in the backend. An optional ``xR<bytes>`` sets the shared memory Pallas
+reserves for cross-warp reductions in every Hopper kernel
+(`pallas_mosaic_gpu.common.REDUCTION_SCRATCH_BYTES`; ``xR0`` frees 2 KiB,
+which a 3-stage ring at head dim 128, ``128x3xR0xC0``, needs). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -49,15 +52,19 @@ import jax  # noqa: E402
 from benchmarks import harness  # noqa: E402
 from benchmarks.schedule_probe import _row  # noqa: E402
 from flash_jax.backends import pallas_mosaic_gpu  # noqa: E402
+from flash_jax.backends.pallas_mosaic_gpu import common  # noqa: E402
 
 SHIPPED_FORWARD = pallas_mosaic_gpu._forward.forward
 SHIPPED_PARAMS = pallas_mosaic_gpu._params
+SHIPPED_REDUCTION_SCRATCH = common.REDUCTION_SCRATCH_BYTES
 
 
 def parse_tile(spec: str) -> dict:
   """``"192x2xP"`` -> ``{"block_kv": 192, "stages": 2, "ping_pong": True}``;
   ``"128x3xC132"`` -> ``{"block_kv": 128, "stages": 3, "persistent": 132}``;
-  ``"128x2xW3"`` -> ``{"block_kv": 128, "stages": 2, "consumers": 3}``."""
+  ``"128x2xW3"`` -> ``{"block_kv": 128, "stages": 2, "consumers": 3}``;
+  ``"128x3xR0"`` -> ``{"block_kv": 128, "stages": 3,
+  "reduction_scratch": 0}``."""
   parts = spec.split("x")
   fields = {"block_kv": int(parts[0]), "stages": int(parts[1])}
   for part in parts[2:]:
@@ -67,9 +74,11 @@ def parse_tile(spec: str) -> dict:
       fields["persistent"] = int(part[1:])
     elif part[:1] == "W" and part[1:].isdigit():
       fields["consumers"] = int(part[1:])
+    elif part[:1] == "R" and part[1:].isdigit():
+      fields["reduction_scratch"] = int(part[1:])
     else:
       raise ValueError(f"tile {spec!r}: a field after the second is P, N, "
-                       "C<ctas> or W<consumers>")
+                       "C<ctas>, W<consumers> or R<bytes>")
   return fields
 
 
@@ -78,13 +87,17 @@ def use_tile(fields: dict | None) -> None:
   the shipped ones). ``consumers`` is set where the backend builds the
   forward's parameters (`pallas_mosaic_gpu._params`; three with ping-pong
   off, two with the backend's two-consumer choice, unless ``fields`` set
-  ``ping_pong``); the other fields just before the kernel. A ``ping_pong``
-  without ``consumers`` means two consumers, as `BlockSizes.ping_pong`
-  does in the backend."""
+  ``ping_pong``); ``reduction_scratch`` in the backend's compiler
+  parameters (every Hopper kernel's, the backward's too); the other fields
+  just before the kernel. A ``ping_pong`` without ``consumers`` means two
+  consumers, as `BlockSizes.ping_pong` does in the backend."""
   pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
   pallas_mosaic_gpu._params = SHIPPED_PARAMS
+  common.REDUCTION_SCRATCH_BYTES = SHIPPED_REDUCTION_SCRATCH
   if fields is not None:
     fields = dict(fields)
+    if "reduction_scratch" in fields:
+      common.REDUCTION_SCRATCH_BYTES = fields.pop("reduction_scratch")
     consumers = fields.pop("consumers", None)
     if consumers is None and "ping_pong" in fields:
       consumers = 2

@@ -428,7 +428,9 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
       "block_kv": 128, "stages": 2, "ping_pong": False, "persistent": 132}
   assert probe.parse_tile("128x2xW3") == {"block_kv": 128, "stages": 2,
                                           "consumers": 3}
-  with pytest.raises(ValueError, match="P, N, C<ctas> or W"):
+  assert probe.parse_tile("128x3xR0xC0") == {
+      "block_kv": 128, "stages": 3, "reduction_scratch": 0, "persistent": 0}
+  with pytest.raises(ValueError, match="P, N, C<ctas>, W<consumers> or R"):
     probe.parse_tile("128x3xQ")
 
   @dataclasses.dataclass(frozen=True)
@@ -470,6 +472,24 @@ def test_hopper_tile_probe_consumers_reach_only_the_forward_params():
     probe.use_tile(None)
   assert pallas_mosaic_gpu._params is probe.SHIPPED_PARAMS
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
+
+
+def test_hopper_tile_probe_reduction_scratch_reaches_every_kernel():
+  """An ``R<bytes>`` tile sets the reduction reserve in the compiler
+  parameters every Hopper kernel takes, and `use_tile(None)` restores
+  Pallas's default (the backend's parameters are untouched by default)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  from benchmarks import hopper_tile_probe as probe
+  from flash_jax.backends.pallas_mosaic_gpu import common
+  default = plgpu.CompilerParams(approx_math=True)
+  assert common.compiler_params() == default
+  probe.use_tile(probe.parse_tile("128x3xR0"))
+  try:
+    assert common.compiler_params().reduction_scratch_bytes == 0
+    assert common.compiler_params().approx_math
+  finally:
+    probe.use_tile(None)
+  assert common.compiler_params() == default
 
 
 def test_hopper_tile_probe_two_consumer_tile_takes_the_two_way_schedule(

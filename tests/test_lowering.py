@@ -398,6 +398,37 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic,
     assert (mosaic_kernels, triton_kernels, aliased) == (2, 0, True)
 
 
+def test_reduction_reserve_is_what_keeps_a_3_stage_h128_forward_out(
+    monkeypatch):
+  """Pallas sets aside 2 KiB of shared memory for cross-warp reductions,
+  which these kernels never use; without it a 3-stage K/V ring fits the
+  head-dim-128 forward (one CTA per tile), with it the kernel is over the
+  limit (`common.REDUCTION_SCRATCH_BYTES`; a probe option, not a default)."""
+  from flash_jax.backends.pallas_mosaic_gpu import common
+  from flash_jax.backends import pallas_mosaic_gpu
+  shipped = pallas_mosaic_gpu._forward.forward
+  monkeypatch.setattr(pallas_mosaic_gpu._forward, "forward",
+                      lambda p, *a: shipped(
+                          dataclasses.replace(p, stages=3), *a))
+  config = AttentionConfig(
+      mask=MaskSpec(is_causal=True), scale=128 ** -0.5,
+      implementation="pallas_mosaic_gpu", interpret=False,
+      block_sizes=BlockSizes(persistent=False))
+  q, k, v = _structs(2, 1000, 1100, 4, 2, 128, 128, jnp.bfloat16)
+  forward = lambda q, k, v: flash_attention(config, q, k, v, None,
+                                            MaskArrays())[0]
+  jax.clear_caches()
+  try:
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+      lower_for_h100(forward, q, k, v)
+    monkeypatch.setattr(common, "REDUCTION_SCRATCH_BYTES", 0)
+    jax.clear_caches()
+    assert f"custom_call @{MOSAIC_CALL}" in lower_for_h100(forward, q, k, v)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("head_dim, spec, deterministic", [
     (128, MaskSpec(is_causal=True), True),
     (128, MaskSpec(is_causal=True), False),

@@ -132,7 +132,8 @@ FORWARD_STAGES = 2
 # had three until session 16; two measured faster on an H100 in two runs
 # (`backward_probe.py --backward-stages 3,2`, B=4 T=4k N=32): backward 3.850
 # -> 3.719 ms and 3.835 -> 3.691 ms (its dQ kernel 1.684 -> 1.566 and 1.638
-# -> 1.529), causal equal (2.098 -> 2.092). At 128 and 256 three do not fit.
+# -> 1.529), causal equal (2.098 -> 2.092). At 128 three fit (they lower for
+# an H100) but were not measured; at 256 they do not fit shared memory.
 BACKWARD_STAGES = 2
 
 # The head-dim-64 forward runs three consumer warpgroups (192 query rows per

@@ -498,7 +498,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
   check_consumers(p)
   kernel = functools.partial(
       plgpu.kernel, num_threads=CONSUMERS + 1, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True))
+      compiler_params=common.compiler_params())
   stages = p.stages
   vector = lambda *shape: plgpu.SMEM(shape, jnp.float32)
 

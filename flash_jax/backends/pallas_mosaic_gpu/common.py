@@ -18,6 +18,23 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 MAX_GRID_Z = 65535   # CUDA's limit on gridDim.y and gridDim.z
 
+# Shared memory Pallas sets aside for cross-warp reductions in any kernel
+# that reduces (None: its default, `CompilerParams.reduction_scratch_bytes`,
+# 2048 bytes). These kernels reduce only along rows of wgmma tiles, which
+# stay inside a warp: lowering every kernel of test_lowering's cases asks
+# for no scratch in any of their 336 reductions (session 16). 0 would free
+# 2 KiB, enough for a 3-stage K/V ring in the head-dim-128 forward (232568
+# -> 230520 bytes of 232448). Not yet run on a GPU, so the default stays;
+# `benchmarks/hopper_tile_probe.py` sets it for a tile (``xR0``).
+REDUCTION_SCRATCH_BYTES: int | None = None
+
+
+def compiler_params() -> plgpu.CompilerParams:
+  """The Mosaic GPU compiler parameters of every kernel of this backend."""
+  reserve = ({} if REDUCTION_SCRATCH_BYTES is None
+             else dict(reduction_scratch_bytes=REDUCTION_SCRATCH_BYTES))
+  return plgpu.CompilerParams(approx_math=True, **reserve)
+
 
 def sequence_major_grid(p, tiles: int, tile_name: str, heads: int) -> dict:
   """``grid`` and ``grid_names`` of a kernel over (sequence tile, head,

@@ -502,6 +502,6 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       **_grid(p),
       num_threads=p.consumers + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=common.compiler_params(),
   )(*operands)
   return out, lse[:, :, :p.q_seq]
