@@ -144,8 +144,8 @@ BACKWARD_STAGES = 2
 # 16k, N*H = 2048, forward / cuDNN's; two runs at 4k, three at 4k causal):
 #   non-causal T = 1k 1.08 -> 1.05, 2k 0.99 -> 1.07, 4k 1.01 -> 1.04 and
 #     1.03 -> 1.07, 8k 0.97 -> 1.06, 16k 1.00 -> 1.05;
-#   causal T = 1k 1.08 -> 0.88, 2k 1.02 -> 0.99, 4k 0.96 -> 0.94 and 0.95
-#     -> 0.92, 8k 0.98 -> 1.01, 16k 1.05 -> 1.09.
+#   causal T = 1k 1.08 -> 0.88, 2k 1.02 -> 0.99, 4k 0.96 -> 0.94, 0.95 ->
+#     0.92 and 0.96 -> 0.93, 8k 0.98 -> 1.01, 16k 1.05 -> 1.09.
 # Short causal tiles lose to the 192-row tiles' larger masked diagonal.
 # Windows and segment ids were not measured and keep two. Every measured row
 # had about 21 query tiles of 192 rows per SM; with few tiles per SM the
