@@ -135,6 +135,12 @@ def _time_hopper_parts(row, inputs, depths) -> dict:
   return times
 
 
+def _without_depth(part: str) -> str:
+  """``"backward, 2 stages"`` -> ``"backward"`` (`_time_hopper_parts`'s
+  suffix); other names as they are."""
+  return part.rsplit(", ", 1)[0] if part.endswith(" stages") else part
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--rows", default="4k,4k-causal,16k,16k-causal")
@@ -173,7 +179,7 @@ def main():
     except Exception as e:  # noqa: BLE001
       print(f"  cudnn: {type(e).__name__}: {str(e)[:200]}")
     for part, seconds in times.items():
-      base = part.rsplit(", ", 1)[0] if part.endswith(" stages") else part
+      base = _without_depth(part)
       line = f"  {part:20s} {seconds * 1e3:8.3f} ms"
       if base in counted:
         line += f"  {counted[base] / seconds / 1e12:6.0f} TFLOP/s counted"
@@ -181,7 +187,7 @@ def main():
         line += f"  {performed[base] / seconds / 1e12:6.0f} TFLOP/s performed"
       print(line, flush=True)
     for part in times:
-      base = part.rsplit(", ", 1)[0] if part.endswith(" stages") else part
+      base = _without_depth(part)
       if (base in ("backward", "backward, fused dQ")
           and "cudnn backward" in times):
         print(f"  {part} / cudnn backward: "

@@ -414,7 +414,6 @@ def test_three_consumers_take_turns(turns, rng):
   arrival of a consumer per phase (so a parity wait cannot alias). Every
   consumer takes as many turns (two per block), so this holds across a
   persistent CTA's items."""
-  import jax
   generator = np.random.default_rng(np.asarray(jax.random.key_data(rng)))
   for _ in range(20):
     assert _run_turns(turns, generator) == [0, 1, 2] * turns
