@@ -24,7 +24,10 @@ with the backend's two-consumer ping-pong choice). A tile with ``P`` or
 in the backend. An optional ``xR<bytes>`` sets the shared memory Pallas
 reserves for cross-warp reductions in every Hopper kernel
 (`pallas_mosaic_gpu.common.REDUCTION_SCRATCH_BYTES`; ``xR0`` frees 2 KiB,
-which a 3-stage ring at head dim 128, ``128x3xR0xC0``, needs). The first tile
+which a 3-stage ring at head dim 128, ``128x3xR0xC0``, needs). ``xL<t>``
+sets `ForwardParams.rescale_threshold` to ``t`` (``L0``: O rescaled only in
+warps where a row's max moved; ``L8``: lazily) and ``xA`` to None (O
+rescaled every block). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -64,7 +67,9 @@ def parse_tile(spec: str) -> dict:
   ``"128x3xC132"`` -> ``{"block_kv": 128, "stages": 3, "persistent": 132}``;
   ``"128x2xW3"`` -> ``{"block_kv": 128, "stages": 2, "consumers": 3}``;
   ``"128x3xR0"`` -> ``{"block_kv": 128, "stages": 3,
-  "reduction_scratch": 0}``."""
+  "reduction_scratch": 0}``; ``"64x2xL8"`` -> ``{"block_kv": 64,
+  "stages": 2, "rescale_threshold": 8.0}``; ``"64x2xA"`` -> ``{...,
+  "rescale_threshold": None}``."""
   parts = spec.split("x")
   fields = {"block_kv": int(parts[0]), "stages": int(parts[1])}
   for part in parts[2:]:
@@ -76,9 +81,13 @@ def parse_tile(spec: str) -> dict:
       fields["consumers"] = int(part[1:])
     elif part[:1] == "R" and part[1:].isdigit():
       fields["reduction_scratch"] = int(part[1:])
+    elif part == "A":
+      fields["rescale_threshold"] = None
+    elif part[:1] == "L" and part[1:].replace(".", "", 1).isdigit():
+      fields["rescale_threshold"] = float(part[1:])
     else:
       raise ValueError(f"tile {spec!r}: a field after the second is P, N, "
-                       "C<ctas>, W<consumers> or R<bytes>")
+                       "C<ctas>, W<consumers>, R<bytes>, A or L<threshold>")
   return fields
 
 
@@ -90,7 +99,9 @@ def use_tile(fields: dict | None) -> None:
   ``ping_pong``); ``reduction_scratch`` in the backend's compiler
   parameters (every Hopper kernel's, the backward's too); the other fields
   just before the kernel. A ``ping_pong`` without ``consumers`` means two
-  consumers, as `BlockSizes.ping_pong` does in the backend."""
+  consumers, as `BlockSizes.ping_pong` does in the backend. Unless the tile
+  sets ``rescale_threshold``, the forward rescales as the backend would for
+  the tile's schedule (`pallas_mosaic_gpu.rescale_threshold`)."""
   pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
   pallas_mosaic_gpu._params = SHIPPED_PARAMS
   common.REDUCTION_SCRATCH_BYTES = SHIPPED_REDUCTION_SCRATCH
@@ -101,8 +112,15 @@ def use_tile(fields: dict | None) -> None:
     consumers = fields.pop("consumers", None)
     if consumers is None and "ping_pong" in fields:
       consumers = 2
-    pallas_mosaic_gpu._forward.forward = lambda p, *a: SHIPPED_FORWARD(
-        dataclasses.replace(p, **fields), *a)
+
+    def forward(p, *operands):
+      p = dataclasses.replace(p, **fields)
+      if "ping_pong" in fields and "rescale_threshold" not in fields:
+        # The backend's rescaling for the schedule the tile names.
+        p = dataclasses.replace(p, rescale_threshold=(
+            pallas_mosaic_gpu.rescale_threshold(p.head_dim, p.ping_pong)))
+      return SHIPPED_FORWARD(p, *operands)
+    pallas_mosaic_gpu._forward.forward = forward
     if consumers is not None:
       def params(config, *args, forward, **kwargs):
         p = SHIPPED_PARAMS(config, *args, forward=forward, **kwargs)
@@ -110,9 +128,12 @@ def use_tile(fields: dict | None) -> None:
           return p
         # Two consumers take the backend's ping-pong choice for two; three
         # take turns only where the tile says P.
-        two_way = pallas_mosaic_gpu._ping_pong(config, p.head_dim)
-        return dataclasses.replace(p, consumers=consumers,
-                                   ping_pong=two_way and consumers == 2)
+        two_way = (pallas_mosaic_gpu._ping_pong(config, p.head_dim)
+                   and consumers == 2)
+        return dataclasses.replace(
+            p, consumers=consumers, ping_pong=two_way,
+            rescale_threshold=pallas_mosaic_gpu.rescale_threshold(
+                p.head_dim, two_way))
       pallas_mosaic_gpu._params = params
   jax.clear_caches()
 

@@ -185,19 +185,27 @@ def bias_grad_pair(q, k, v, do, bias, **kwargs):
   return oracle_dbias, pull(do)[0]
 
 
-def use_three_consumer_forward(monkeypatch, ping_pong: bool) -> None:
-  """Makes the Hopper backend build its forward's parameters with three
-  consumer warpgroups (`ForwardParams.consumers`; ``ping_pong``: the
-  three take turns), as `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles
-  do; the backward keeps its own. Clears jit traces (the backend's jitted
-  forward caches by config); `monkeypatch.undo()` restores, after which
-  the caller clears them again."""
+def use_forward_params(monkeypatch, **fields) -> None:
+  """Makes the Hopper backend build its forward's `ForwardParams` with
+  ``fields`` replaced (the backward keeps its own). Clears jit traces (the
+  backend's jitted forward caches by config); `monkeypatch.undo()`
+  restores, after which the caller clears them again."""
   from flash_jax.backends import pallas_mosaic_gpu as mosaic
   shipped = mosaic._params
 
   def params(*args, forward, **kwargs):
     p = shipped(*args, forward=forward, **kwargs)
-    return (dataclasses.replace(p, consumers=3, ping_pong=ping_pong)
-            if forward else p)
+    return dataclasses.replace(p, **fields) if forward else p
   monkeypatch.setattr(mosaic, "_params", params)
   jax.clear_caches()
+
+
+def use_three_consumer_forward(monkeypatch, ping_pong: bool) -> None:
+  """`use_forward_params` with three consumer warpgroups
+  (`ForwardParams.consumers`; ``ping_pong``: the three take turns) and
+  the backend's rescaling for that schedule, as
+  `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles do."""
+  from flash_jax.backends import pallas_mosaic_gpu as mosaic
+  use_forward_params(monkeypatch, consumers=3, ping_pong=ping_pong,
+                     rescale_threshold=mosaic.rescale_threshold(64,
+                                                                ping_pong))

@@ -298,6 +298,61 @@ class TestPallasMosaicGpu(AttentionTestBase):
       monkeypatch.undo()
       jax.clear_caches()
 
+  @pytest.mark.parametrize("case, semantics, ramp", [
+      (Case(2, 1000, 1100, 4, 2, 256, 256, False, "bfloat16"), {}, 6.0),
+      (Case(1, 1023, 1024, 4, 1, 128, 128, True, "bfloat16"),
+       dict(causal_alignment="bottom_right"), 6.0),
+      (Case(2, 700, 900, 4, 2, 128, 128, False, "float16"), {}, 1 / 6),
+      (Case(3, 200, 300, 4, 2, 64, 64, True, "bfloat16"),
+       dict(query_seq_lengths=(200, 61, 0), key_value_seq_lengths=(0, 300, 9),
+            logits_soft_cap=30.0), 6.0),
+      (Case(2, 640, 640, 4, 4, 64, 64, True, "bfloat16"),
+       dict(segments=True), 6.0),
+      (Case(1, 1000, 1000, 4, 2, 200, 200, True, "bfloat16"),
+       dict(local_window_size=(300, 0)), 6.0),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else (
+      "-".join(x) or "plain") if isinstance(x, dict) else f"ramp{x:.2g}")
+  def test_rescale_threshold_forward_matches_the_reference(
+      self, rng, monkeypatch, case, semantics, ramp):
+    """`ForwardParams.rescale_threshold`: at 0 (O rescaled only in warps
+    where a row's max moved) the forward is bitwise the one that always
+    rescales; at the largest threshold (lazy rescaling) it meets the 2x/3x
+    rule with no NaN and repeats bitwise. The keys' scale ramps along the
+    sequence by ``ramp`` (6: row maxes climb many times past the
+    threshold, so rescales happen late in the walk; 1/6: they fall)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flash_jax.backends import pallas_mosaic_gpu as mosaic
+    from helpers import use_forward_params
+    q, k, v, do = draw_inputs(rng, case)
+    growth = jnp.linspace(1.0, ramp, case.kv_seq)[None, :, None, None]
+    k = (k.astype(jnp.float32) * growth).astype(k.dtype)
+    semantics = _call_semantics(rng, case, semantics)
+    attend = lambda: [np.asarray(x.astype(jnp.float32)) for x in self.attend(
+        q, k, v, is_causal=case.is_causal, return_residual=True,
+        **semantics)]
+    results = {}
+    try:
+      for threshold in (None, 0.0,
+                        mosaic._forward.MAX_RESCALE_THRESHOLD):
+        use_forward_params(monkeypatch, rescale_threshold=threshold)
+        assert "xla.gpu.triton" not in jax.jit(lambda q: self.attend(
+            q, k, v, is_causal=case.is_causal, **semantics)).lower(
+                q).as_text()
+        results[threshold] = attend()
+        if threshold:
+          self.check_against_reference(q, k, v, do, is_causal=case.is_causal,
+                                       **semantics)
+          for first, second in zip(results[threshold], attend()):
+            np.testing.assert_array_equal(first, second)
+        monkeypatch.undo()
+    finally:
+      monkeypatch.undo()
+      jax.clear_caches()
+    for always, skipped in zip(results[None], results[0.0]):
+      np.testing.assert_array_equal(always, skipped)
+
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp
     q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,

@@ -430,7 +430,11 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
                                           "consumers": 3}
   assert probe.parse_tile("128x3xR0xC0") == {
       "block_kv": 128, "stages": 3, "reduction_scratch": 0, "persistent": 0}
-  with pytest.raises(ValueError, match="P, N, C<ctas>, W<consumers> or R"):
+  assert probe.parse_tile("64x2xL8") == {"block_kv": 64, "stages": 2,
+                                         "rescale_threshold": 8.0}
+  assert probe.parse_tile("64x2xL0.5xA") == {"block_kv": 64, "stages": 2,
+                                             "rescale_threshold": None}
+  with pytest.raises(ValueError, match="W<consumers>, R<bytes>, A or L"):
     probe.parse_tile("128x3xQ")
 
   @dataclasses.dataclass(frozen=True)
@@ -444,6 +448,21 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   probe.use_tile({"block_kv": 192, "stages": 2})
   assert pallas_mosaic_gpu._forward.forward(Params(), 1, 2) == "out"
   assert seen == [(Params(192, 2), (1, 2))]
+  # A schedule named without a rescale threshold gets the backend's for it.
+  @dataclasses.dataclass(frozen=True)
+  class Wide(Params):
+    head_dim: int = 256
+    ping_pong: bool = True
+    rescale_threshold: float | None = None
+
+  for tile, ping_pong, threshold in (("64x2xN", False, 8.0),
+                                     ("64x2xP", True, None),
+                                     ("64x2xPxL0", True, 0.0)):
+    probe.use_tile(probe.parse_tile(tile))
+    seen.clear()
+    pallas_mosaic_gpu._forward.forward(Wide(ping_pong=not ping_pong), 1)
+    assert (seen[0][0].ping_pong, seen[0][0].rescale_threshold) == (
+        ping_pong, threshold), tile
   probe.use_tile(None)
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
   monkeypatch.undo()
@@ -463,10 +482,13 @@ def test_hopper_tile_probe_consumers_reach_only_the_forward_params():
   params = lambda forward: pallas_mosaic_gpu._params(
       call.config, q, q, call.arrays, forward=forward)
   assert params(True).consumers == 2 and params(True).ping_pong
+  assert params(True).rescale_threshold is None
   probe.use_tile(probe.parse_tile("128x2xW3"))
   try:
     assert params(True).consumers == 3 and not params(True).ping_pong
     assert params(True).rows_per_cta == 192
+    # The backend's rescaling for three consumers without turns: lazy.
+    assert params(True).rescale_threshold == 8.0
     assert params(False).consumers == 2
   finally:
     probe.use_tile(None)

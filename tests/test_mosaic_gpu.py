@@ -509,6 +509,98 @@ def test_three_consumers_need_tiles_for_every_sm(batch, heads, sm_count,
   assert p.consumers == consumers
 
 
+@pytest.mark.parametrize("head_dim, q_seq, ping_pong, threshold", [
+    (40, 1000, None, None),    # two consumers taking turns
+    (64, 1000, False, 8.0),    # two, no turns
+    (64, 4096, None, 8.0),     # three consumers (no turns)
+    (128, 1000, None, None),
+    (128, 1000, False, None),
+    (200, 1000, None, 8.0),    # 256 runs no turns
+    (256, 1000, True, None),
+])
+def test_forward_rescale_rule(head_dim, q_seq, ping_pong, threshold,
+                              monkeypatch):
+  """`LAZY_RESCALE_HEAD_DIMS`: the forward rescales O lazily
+  (`ForwardParams.rescale_threshold` at its largest) at padded head dims 64
+  and 256 when its consumers do not take turns, else every block; the
+  value is checked."""
+  monkeypatch.setattr(flash_jax.platform, "sm_count", lambda default=132: 2)
+  q = jax.ShapeDtypeStruct((1, q_seq, 4, head_dim), jnp.bfloat16)
+  small = jnp.ones((1, 16, 1, head_dim), jnp.bfloat16)
+  config = dataclasses.replace(
+      flash_jax.api.canonicalize(small, small, small).config,
+      block_sizes=(None if ping_pong is None
+                   else flash_jax.BlockSizes(ping_pong=ping_pong)))
+  p = mosaic._params(config, q, q, MaskArrays(), forward=True)
+  assert p.rescale_threshold == threshold
+  assert threshold == mosaic.rescale_threshold(p.head_dim, p.ping_pong)
+  for bad in (-1.0, mosaic._forward.MAX_RESCALE_THRESHOLD + 1):
+    with pytest.raises(ValueError, match="rescale_threshold"):
+      dataclasses.replace(p, rescale_threshold=bad)
+
+
+def _online_softmax(logits, values, block_kv, threshold):
+  """The forward's consumer loop in plain jnp (`forward.softmax_block` per
+  key block, O rescaled by each block's correction): ``(out, lse in log2
+  units, max moves per row, largest probability)``."""
+  rows = logits.shape[0]
+  acc = jnp.zeros((rows, values.shape[1]), jnp.float32)
+  m = jnp.full((rows,), -jnp.inf, jnp.float32)
+  l = jnp.zeros((rows,), jnp.float32)
+  moves, largest = jnp.zeros((rows,), jnp.int32), 0.0
+  for start in range(0, logits.shape[1], block_kv):
+    block = logits[:, start:start + block_kv]
+    probs, correction, m_next, l = mosaic._forward.softmax_block(
+        block, jnp.max(block, axis=1), m, l, threshold=threshold,
+        masked=True)
+    moves += (m_next != m).astype(jnp.int32)
+    largest = max(largest, float(jnp.max(probs)))
+    acc = acc * correction[:, None] + probs @ values[start:start + block_kv]
+    m = m_next
+  attends = l > 0
+  out = jnp.where(attends[:, None], acc / jnp.where(attends, l, 1.0)[:, None],
+                  0.0)
+  return out, m + jnp.log2(l), moves, largest
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_rescaling_is_exact(seed):
+  """`forward.softmax_block`, the kernel's own code, walked block by block
+  in float32 on CPU: with a rescale threshold of 0 or 8 it gives softmax's
+  output and lse (to float32 rounding) as rescaling every block does, also
+  for rows masked in whole blocks and rows that attend nothing; at 8 a
+  row's max moves only a few times while its scores climb, and no
+  probability exceeds 2^8 before normalisation."""
+  rng = np.random.default_rng(seed)
+  rows, keys, block_kv = 48, 1000, 64
+  # Scores that climb along the keys (the max moves often), in log2 units.
+  logits = rng.normal(size=(rows, keys)) * np.linspace(1.0, 12.0, keys)
+  allowed = rng.random((rows, keys)) < 0.8
+  allowed[:8, :300] = False      # rows that start in fully masked blocks
+  allowed[8:10] = False          # rows that attend nothing
+  logits = jnp.asarray(np.where(allowed, logits, -np.inf), jnp.float32)
+  values = jnp.asarray(rng.normal(size=(keys, 32)), jnp.float32)
+  natural = logits * np.log(2.0)
+  expected = jnp.where(jnp.asarray(allowed).any(1)[:, None],
+                       jax.nn.softmax(natural, axis=1, where=allowed) @ values,
+                       0.0)
+  expected_lse = jax.nn.logsumexp(natural, axis=1, where=allowed) / np.log(2.0)
+  every_block = _online_softmax(logits, values, block_kv, None)
+  for threshold in (None, 0.0, 8.0):
+    out, lse, moves, largest = _online_softmax(logits, values, block_kv,
+                                               threshold)
+    assert not jnp.isnan(out).any()
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(lse, expected_lse, rtol=1e-5)
+    assert bool(jnp.all(jnp.isneginf(lse[8:10])))
+    if threshold == 0.0:   # the same arithmetic as rescaling every block
+      np.testing.assert_array_equal(out, every_block[0])
+    if threshold == 8.0:
+      assert largest <= 2.0 ** 8
+      assert int(moves.max()) < int(every_block[2].max())
+      assert float(moves[10:].mean()) <= 0.5 * float(every_block[2][10:].mean())
+
+
 def test_exp2_tanh_matches_tanh():
   """The soft-cap's tanh (built from exp2 so that approx math keeps it
   accurate) against jnp.tanh, including saturation."""

@@ -154,6 +154,29 @@ BACKWARD_STAGES = 2
 THREE_CONSUMERS_FROM_Q_SEQ = {False: 2048, True: 8192}
 THREE_CONSUMERS_MIN_TILES_PER_SM = 8
 
+# Padded head dims whose forward rescales O lazily when its consumers do not
+# take turns (`ForwardParams.rescale_threshold` at its largest, 8: a row's
+# max moves only when a block's exceeds it by 2^8, and warps where no row
+# moved skip the multiply). H100, session 17 (`hopper_tile_probe.py`, B*T
+# = 16k, N*H = 2048, forward / cuDNN's, every block -> lazy):
+#   head dim 256: T=4k 1.001 -> 1.026, 4k causal 1.013 -> 1.034, 16k
+#     0.932 -> 0.963 (the rescale was 28% of its instructions, session 16);
+#   64, three consumers: 4k 1.029 -> 1.055.
+# With ping-pong it measured slower: head dim 64 (two consumers) 4k causal
+# 0.974 -> 0.830, B=32 T=512 1.103 -> 0.998, causal 1.076 -> 0.951; 128 4k
+# 1.025 -> 1.020, causal 1.041 -> 1.020. Skipping the multiply only where
+# no row's max moved at all (threshold 0) was slower at 256 (0.941x): with
+# 16 rows per warp the branch rarely skips.
+LAZY_RESCALE_HEAD_DIMS = (64, 256)
+
+
+def rescale_threshold(padded_head_dim: int, ping_pong: bool) -> float | None:
+  """The forward's `ForwardParams.rescale_threshold` for a schedule (see
+  `LAZY_RESCALE_HEAD_DIMS`)."""
+  if padded_head_dim in LAZY_RESCALE_HEAD_DIMS and not ping_pong:
+    return _forward.MAX_RESCALE_THRESHOLD
+  return None
+
 
 def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
   chosen = config.block_sizes.ping_pong if config.block_sizes else None
@@ -233,15 +256,16 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
   segments = arrays.q_segment_ids is not None
   consumers = (_consumers(config, padded, batch, num_heads, q_seq, segments)
                if forward else _forward.CONSUMERS)
+  ping_pong = _ping_pong(config, padded) and consumers == 2
   return _forward.ForwardParams(
       batch=batch, q_seq=q_seq, kv_seq=key.shape[1], num_heads=num_heads,
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
       stages=FORWARD_STAGES if forward else BACKWARD_STAGES,
-      ping_pong=_ping_pong(config, padded) and consumers == 2,
-      consumers=consumers, fused_dq=not config.deterministic,
-      segments=segments)
+      ping_pong=ping_pong, consumers=consumers,
+      fused_dq=not config.deterministic, segments=segments,
+      rescale_threshold=rescale_threshold(padded, ping_pong))
 
 
 def _lengths(lengths, batch: int, full: int):

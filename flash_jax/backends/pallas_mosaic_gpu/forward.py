@@ -64,9 +64,14 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.mosaic import gpu as mgpu
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.extend.mlir import ir
+from jax.extend.mlir.dialects import arith, scf, vector
+from jaxlib.mlir.dialects import nvvm   # Mosaic GPU's own import of it
 
 from flash_jax.backends.pallas_mosaic_gpu import common
 from flash_jax.masks import MaskSpec, heavy_first
@@ -83,6 +88,11 @@ PRODUCER = CONSUMERS  # warpgroup index of the TMA producer (backward)
 # share a CTA's 65536: 128 x (40 + 2 x 232) = 64512, 128 x (32 + 3 x 160)
 # = 65536 (FlashAttention-3's split for three consumers).
 REGISTERS = {2: (40, 232), 3: (32, 160)}
+
+# The largest `ForwardParams.rescale_threshold`: probabilities then reach
+# 2^8 = 256 before the P V product, far from float16's 65504 and with the
+# same relative rounding as at 1 (FlashAttention-4 uses 8).
+MAX_RESCALE_THRESHOLD = 8.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +117,11 @@ class ForwardParams:
   fused_dq: bool = False    # backward: dQ reduce-added by the dK/dV kernel
   seq_fastest: bool = True  # grid order (`common.sequence_major_grid`)
   segments: bool = False    # segment ids: walks block-map lists
+  # Forward: None rescales O by every block's row correction; a number
+  # ``t >= 0`` moves a row's max only when a block's exceeds it by more than
+  # ``t`` (log2 units) and skips the multiply in a warp none of whose rows
+  # moved (`rescale_rows`). 0 is bitwise the same as None.
+  rescale_threshold: float | None = None
 
   def __post_init__(self):
     # A CTA count: True would quietly mean a grid of one CTA.
@@ -115,6 +130,11 @@ class ForwardParams:
     if self.consumers not in REGISTERS:
       raise ValueError(f"consumers is one of {sorted(REGISTERS)}, got "
                        f"{self.consumers!r}")
+    if self.rescale_threshold is not None and not (
+        0 <= self.rescale_threshold <= MAX_RESCALE_THRESHOLD):
+      raise ValueError(f"rescale_threshold is None or in [0, "
+                       f"{MAX_RESCALE_THRESHOLD}], got "
+                       f"{self.rescale_threshold!r}")
     if self.consumers == 3 and self.head_dim > 64:
       # 160 registers a thread hold no 64 x 128 float32 accumulator beside
       # S, and at 128 two Q buffers of three consumers overflow shared
@@ -189,6 +209,83 @@ def _row_vector_of(tile_condition):
   """A per-row bool (the accumulator's row layout) from a 2-D condition that
   is constant along each row."""
   return jnp.max(jnp.where(tile_condition, 1.0, 0.0), axis=1) > 0.5
+
+
+def softmax_block(logits, row_max, m_prev, l_prev, *,
+                  threshold: float | None, masked: bool):
+  """One key block of the online softmax, in log2 units.
+
+  ``logits`` ``[rows, block_kv]`` (masked entries -inf) and their
+  ``row_max``; ``m_prev`` / ``l_prev`` the running max and sum. Returns
+  ``(probs, correction, m_next, l_next)``: the block's unnormalised
+  probabilities against ``m_next``, and the factor by which the output
+  accumulator (and the sum, already in ``l_next``) must be rescaled.
+  ``threshold`` is `ForwardParams.rescale_threshold`; ``masked`` whether
+  rows may have attended nothing yet. Plain jnp: the kernel's consumers
+  and the CPU tests run the same code.
+  """
+  m_next = jnp.maximum(m_prev, row_max)
+  if threshold:
+    # Lazy rescaling (FlashAttention-4): a row keeps its max until a block's
+    # exceeds it by more than the threshold, so after the first blocks O is
+    # rarely rescaled. Exact: O and l share the max the probabilities are
+    # taken against. (-inf + t is -inf, so a row's first attended block
+    # always sets it.)
+    m_next = jnp.where(row_max > m_prev + threshold, m_next, m_prev)
+  # Rows with nothing attended yet keep m = -inf; shift them by 0 so exp2
+  # gives 0, not NaN.
+  m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else m_next
+  correction = jnp.exp2(m_prev - m_shift)
+  probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, logits.shape, [0]))
+  l_next = l_prev * correction + jnp.sum(probs, axis=1)
+  return probs, correction, m_next, l_next
+
+
+ROW_LAYOUT = plgpu.Layout.WGMMA.reduce(1)   # one value per accumulator row
+
+
+def rescale_rows(acc, correction):
+  """``acc * correction[:, None]`` for a ``[64, H]`` float32 wgmma
+  accumulator, skipped in each warp none of whose rows has a correction
+  other than 1 (the multiply is then the identity, so the result is bitwise
+  the same). Each warp holds 16 whole rows of the accumulator, so a warp's
+  vote decides for its own registers alone; no warpgroup-wide reduction
+  (and no shared memory) is needed. Written in Mosaic GPU's own IR
+  (`plgpu.inline_mgpu`) because Pallas has no per-warp branch.
+
+  At head dim 256 this multiply was 28% of the forward's instructions (ncu,
+  session 16): 64 x 256 products per consumer per 64-key block, 4 per score.
+  """
+  @plgpu.inline_mgpu(
+      arg_types=(plgpu.Layout.WGMMA, ROW_LAYOUT),
+      return_type=plgpu.ShapeDtypeStruct(acc.shape, jnp.float32,
+                                         layout=plgpu.Layout.WGMMA))
+  def rescale(_, acc, correction):
+    f32, i1 = ir.F32Type.get(), ir.IntegerType.get_signless(1)
+    one = arith.constant(f32, 1.0)
+    moved = arith.constant(i1, 0)
+    for register in correction.registers.flat:
+      for i in range(ir.VectorType(register.type).shape[0]):
+        value = vector.extract(register, dynamic_position=[],
+                               static_position=ir.DenseI64ArrayAttr.get([i]))
+        # UNE: true for NaN too, which then reaches the accumulator.
+        moved = arith.ori(moved, arith.cmpf(arith.CmpFPredicate.UNE, value,
+                                            one))
+    all_lanes = mgpu.c(0xFFFFFFFF, ir.IntegerType.get_signless(32))
+    moved = nvvm.vote_sync(all_lanes, moved, "any")   # warp-uniform
+    branch = scf.IfOp(moved, [r.type for r in acc.registers.flat],
+                      has_else=True)
+    with ir.InsertionPoint(branch.then_block):
+      scaled = acc * correction.broadcast_in_dim(acc.shape, (0,), acc.layout)
+      scf.yield_(list(scaled.registers.flat))
+    with ir.InsertionPoint(branch.else_block):
+      scf.yield_(list(acc.registers.flat))
+    registers = np.empty(acc.registers.shape, dtype=object)
+    for index, result in zip(np.ndindex(registers.shape), branch.results):
+      registers[index] = result
+    return mgpu.FragmentedArray(_registers=registers, _layout=acc.layout,
+                                _is_signed=None)
+  return rescale(acc, correction)
 
 
 def persistent_grid_size(p: ForwardParams) -> int:
@@ -379,15 +476,13 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         if p.folds_scale:
           row_max = row_max * (p.scale * LOG2_E)
           logits = logits * (p.scale * LOG2_E)
-        m_next = jnp.maximum(m_prev, row_max)
-        # Rows with nothing attended yet keep m = -inf; shift them by 0 so
-        # exp2 gives 0, not NaN.
-        m_shift = jnp.where(m_next == -jnp.inf, 0.0, m_next) if masked else \
-            m_next
-        correction = jnp.exp2(m_prev - m_shift)
-        probs = jnp.exp2(logits - lax.broadcast_in_dim(m_shift, tile, [0]))
-        l_next = l_prev * correction + jnp.sum(probs, axis=1)
-        acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        probs, correction, m_next, l_next = softmax_block(
+            logits, row_max, m_prev, l_prev,
+            threshold=p.rescale_threshold, masked=masked)
+        if p.rescale_threshold is None:
+          acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+        else:
+          acc = rescale_rows(acc, correction)
         probs = probs.astype(p.dtype)
         if two_way:
           plgpu.barrier_arrive(schedule)      # softmax done
