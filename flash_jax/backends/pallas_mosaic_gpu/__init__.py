@@ -20,9 +20,13 @@ run those kernels passed (head dims 40 and 64 gradients, the default and
 forced three-consumer forwards, segment ids, determinism, the
 parameterless feature cases). The floor of 8 tiles per SM
 (`THREE_CONSUMERS_MIN_TILES_PER_SM`) came after those runs; it only
-returns small grids to the two-consumer forward they also passed, and the
-reworked default-three-consumer GPU test (4 patched SMs, persistent
-against per-tile bits) has not run on a GPU yet.
+returns small grids to the two-consumer forward they also passed. Session
+17 made the forward rescale O lazily where its consumers do not take turns
+(`LAZY_RESCALE_HEAD_DIMS`); the 29 GPU cases that run those forwards
+(every non-float32 head-dim-256 forward, gradient, persistent and segment
+case, the three-consumer tests, among them the reworked
+default-three-consumer test with 4 patched SMs, and
+`test_rescale_threshold_forward_matches_the_reference`) passed on an H100.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;

@@ -29,6 +29,12 @@ then full ones, empty blocks never), and the producer streams each block's
 key segment ids with its K. Tails need no padding: TMA reads past the array as
 zeros (those keys are masked by ``kv_len``) and clips stores past it.
 
+With ``rescale_threshold`` the consumers rescale O lazily
+(FlashAttention-4): a row's running max moves only when a block's exceeds
+it by more than the threshold, and a warp none of whose rows moved skips
+the multiply (`rescale_rows`). The online-softmax update itself is one
+plain-jnp function, `softmax_block`, which CPU tests also run.
+
 With ``persistent`` (a CTA count) the grid is instead about one CTA per SM,
 each taking its share of the (batch, head, query tile) items
 (`persistent_item`): the producer's ring runs on from one tile to the next,
