@@ -27,7 +27,8 @@ reserves for cross-warp reductions in every Hopper kernel
 which a 3-stage ring at head dim 128, ``128x3xR0xC0``, needs). ``xL<t>``
 sets `ForwardParams.rescale_threshold` to ``t`` (``L0``: O rescaled only in
 warps where a row's max moved; ``L8``: lazily) and ``xA`` to None (O
-rescaled every block). The first tile
+rescaled every block); ``xD`` sets `ForwardParams.late_rescale` (O
+rescaled after the softmax is handed over). The first tile
 should be the shipped one, for the baseline. Each timing is preceded by the
 harness's check against the reference, so a tile that computes wrong
 results is reported as an error, not a speed. Only the forward kernel's
@@ -83,11 +84,13 @@ def parse_tile(spec: str) -> dict:
       fields["reduction_scratch"] = int(part[1:])
     elif part == "A":
       fields["rescale_threshold"] = None
+    elif part == "D":
+      fields["late_rescale"] = True
     elif part[:1] == "L" and part[1:].replace(".", "", 1).isdigit():
       fields["rescale_threshold"] = float(part[1:])
     else:
       raise ValueError(f"tile {spec!r}: a field after the second is P, N, "
-                       "C<ctas>, W<consumers>, R<bytes>, A or L<threshold>")
+                       "C<ctas>, W<consumers>, R<bytes>, A, D or L<threshold>")
   return fields
 
 

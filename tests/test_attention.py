@@ -353,6 +353,41 @@ class TestPallasMosaicGpu(AttentionTestBase):
     for always, skipped in zip(results[None], results[0.0]):
       np.testing.assert_array_equal(always, skipped)
 
+  @pytest.mark.parametrize("case, semantics", [
+      (Case(2, 1000, 1100, 4, 2, 128, 128, True, "bfloat16"), {}),
+      (Case(2, 700, 900, 4, 2, 64, 64, False, "float16"),
+       dict(logits_soft_cap=30.0)),
+      (Case(1, 1000, 1000, 4, 2, 256, 256, True, "bfloat16"),
+       dict(local_window_size=(300, 0))),
+  ], ids=lambda x: str(x) if isinstance(x, Case) else "-".join(x) or "plain")
+  def test_late_rescale_forward_is_bitwise_the_same(self, rng, monkeypatch,
+                                                    case, semantics):
+    """`ForwardParams.late_rescale` moves O's rescale after the softmax is
+    handed over: the same operations on the same values, so the output and
+    lse are bitwise those of the shipped forward (ping-pong at 64 and 128,
+    lazy rescaling at 256), with no NaN."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from helpers import use_forward_params
+    q, k, v, _ = draw_inputs(rng, case)
+    attend = lambda: [np.asarray(x.astype(jnp.float32)) for x in self.attend(
+        q, k, v, is_causal=case.is_causal, return_residual=True,
+        **semantics)]
+    try:
+      jax.clear_caches()
+      shipped = attend()
+      use_forward_params(monkeypatch, late_rescale=True)
+      assert "xla.gpu.triton" not in jax.jit(lambda q: self.attend(
+          q, k, v, is_causal=case.is_causal, **semantics)).lower(q).as_text()
+      late = attend()
+    finally:
+      monkeypatch.undo()
+      jax.clear_caches()
+    assert not np.isnan(late[0]).any()
+    for first, second in zip(shipped, late):
+      np.testing.assert_array_equal(first, second)
+
   def test_nondeterministic_backward_with_padding_lengths(self, rng):
     import jax.numpy as jnp
     q, k, v, do = draw_inputs(rng, Case(3, 200, 300, 4, 2, 128, 128, True,

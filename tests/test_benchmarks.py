@@ -434,7 +434,9 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
                                          "rescale_threshold": 8.0}
   assert probe.parse_tile("64x2xL0.5xA") == {"block_kv": 64, "stages": 2,
                                              "rescale_threshold": None}
-  with pytest.raises(ValueError, match="W<consumers>, R<bytes>, A or L"):
+  assert probe.parse_tile("128x2xD") == {"block_kv": 128, "stages": 2,
+                                         "late_rescale": True}
+  with pytest.raises(ValueError, match="W<consumers>, R<bytes>, A, D or L"):
     probe.parse_tile("128x3xQ")
 
   @dataclasses.dataclass(frozen=True)

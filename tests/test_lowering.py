@@ -398,6 +398,37 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic,
     assert (mosaic_kernels, triton_kernels, aliased) == (2, 0, True)
 
 
+@pytest.mark.parametrize("head_dim, fields", [
+    (64, dict(rescale_threshold=8.0)),       # lazy with ping-pong
+    (128, dict(rescale_threshold=0.0)),
+    (128, dict(late_rescale=True)),
+    (256, dict(rescale_threshold=None)),     # every block, no ping-pong
+    (256, dict(late_rescale=True)),
+], ids=str)
+def test_forward_rescale_variants_lower_for_h100(head_dim, fields,
+                                                 monkeypatch):
+  """The forward's rescale options (`ForwardParams.rescale_threshold`,
+  ``late_rescale``) lower beside the defaults, and reach the kernel (its
+  program differs from the default's)."""
+  from helpers import use_forward_params
+  config = AttentionConfig(
+      mask=MaskSpec(is_causal=True), scale=head_dim ** -0.5,
+      implementation="pallas_mosaic_gpu", interpret=False)
+  q, k, v = _structs(2, 1000, 1100, 4, 2, head_dim, head_dim, jnp.bfloat16)
+  forward = lambda q, k, v: flash_attention(config, q, k, v, None,
+                                            MaskArrays())[0]
+  jax.clear_caches()
+  try:
+    shipped = lower_for_h100(forward, q, k, v)
+    use_forward_params(monkeypatch, **fields)
+    variant = lower_for_h100(forward, q, k, v)
+  finally:
+    monkeypatch.undo()
+    jax.clear_caches()
+  assert variant.count(f"custom_call @{MOSAIC_CALL}") == 1
+  assert variant != shipped
+
+
 def test_reduction_reserve_is_what_keeps_a_3_stage_h128_forward_out(
     monkeypatch):
   """Pallas sets aside 2 KiB of shared memory for cross-warp reductions,

@@ -128,6 +128,11 @@ class ForwardParams:
   # ``t`` (log2 units) and skips the multiply in a warp none of whose rows
   # moved (`rescale_rows`). 0 is bitwise the same as None.
   rescale_threshold: float | None = None
+  # Forward: rescale O after the softmax is handed over (with ping-pong,
+  # after the "softmax done" arrival, so the other consumer's products need
+  # not wait for it) and V has landed, rather than before. The same
+  # operations on the same values: bitwise the same results.
+  late_rescale: bool = False
 
   def __post_init__(self):
     # A CTA count: True would quietly mean a grid of one CTA.
@@ -485,14 +490,19 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
         probs, correction, m_next, l_next = softmax_block(
             logits, row_max, m_prev, l_prev,
             threshold=p.rescale_threshold, masked=masked)
-        if p.rescale_threshold is None:
-          acc = acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-        else:
-          acc = rescale_rows(acc, correction)
+
+        def rescaled(acc):
+          if p.rescale_threshold is None:
+            return acc * lax.broadcast_in_dim(correction, acc.shape, [0])
+          return rescale_rows(acc, correction)
+        if not p.late_rescale:
+          acc = rescaled(acc)
         probs = probs.astype(p.dtype)
         if two_way:
           plgpu.barrier_arrive(schedule)      # softmax done
         plgpu.barrier_wait(v_ready.at[slot])
+        if p.late_rescale:
+          acc = rescaled(acc)   # while this consumer waits for its turn
         if two_way:
           plgpu.barrier_wait(schedule)        # the tensor cores are ours
         elif round_robin:
