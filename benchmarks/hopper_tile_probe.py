@@ -103,8 +103,8 @@ def use_tile(fields: dict | None) -> None:
   parameters (every Hopper kernel's, the backward's too); the other fields
   just before the kernel. A ``ping_pong`` without ``consumers`` means two
   consumers, as `BlockSizes.ping_pong` does in the backend. Unless the tile
-  sets ``rescale_threshold``, the forward rescales as the backend would for
-  the tile's schedule (`pallas_mosaic_gpu.rescale_threshold`)."""
+  sets them, ``rescale_threshold`` and ``late_rescale`` are the backend's
+  for the tile's schedule (`pallas_mosaic_gpu.rescale_fields`)."""
   pallas_mosaic_gpu._forward.forward = SHIPPED_FORWARD
   pallas_mosaic_gpu._params = SHIPPED_PARAMS
   common.REDUCTION_SCRATCH_BYTES = SHIPPED_REDUCTION_SCRATCH
@@ -118,10 +118,14 @@ def use_tile(fields: dict | None) -> None:
 
     def forward(p, *operands):
       p = dataclasses.replace(p, **fields)
-      if "ping_pong" in fields and "rescale_threshold" not in fields:
-        # The backend's rescaling for the schedule the tile names.
-        p = dataclasses.replace(p, rescale_threshold=(
-            pallas_mosaic_gpu.rescale_threshold(p.head_dim, p.ping_pong)))
+      if "ping_pong" in fields:
+        # The backend's rescaling for the schedule the tile names, where
+        # the tile does not set it.
+        chosen = pallas_mosaic_gpu.rescale_fields(
+            p.head_dim, p.ping_pong, p.mask.is_causal)
+        p = dataclasses.replace(p, **{
+            name: value for name, value in chosen.items()
+            if name not in fields})
       return SHIPPED_FORWARD(p, *operands)
     pallas_mosaic_gpu._forward.forward = forward
     if consumers is not None:
@@ -135,8 +139,8 @@ def use_tile(fields: dict | None) -> None:
                    and consumers == 2)
         return dataclasses.replace(
             p, consumers=consumers, ping_pong=two_way,
-            rescale_threshold=pallas_mosaic_gpu.rescale_threshold(
-                p.head_dim, two_way))
+            **pallas_mosaic_gpu.rescale_fields(p.head_dim, two_way,
+                                               p.mask.is_causal))
       pallas_mosaic_gpu._params = params
   jax.clear_caches()
 

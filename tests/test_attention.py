@@ -364,28 +364,29 @@ class TestPallasMosaicGpu(AttentionTestBase):
                                                     case, semantics):
     """`ForwardParams.late_rescale` moves O's rescale after the softmax is
     handed over: the same operations on the same values, so the output and
-    lse are bitwise those of the shipped forward (ping-pong at 64 and 128,
-    lazy rescaling at 256), with no NaN."""
+    lse are bitwise those of the forward without it (ping-pong at 64 and
+    128, lazy rescaling at 256), with no NaN."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from helpers import use_forward_params
     q, k, v, _ = draw_inputs(rng, case)
-    attend = lambda: [np.asarray(x.astype(jnp.float32)) for x in self.attend(
-        q, k, v, is_causal=case.is_causal, return_residual=True,
-        **semantics)]
+    results = []
     try:
-      jax.clear_caches()
-      shipped = attend()
-      use_forward_params(monkeypatch, late_rescale=True)
-      assert "xla.gpu.triton" not in jax.jit(lambda q: self.attend(
-          q, k, v, is_causal=case.is_causal, **semantics)).lower(q).as_text()
-      late = attend()
+      for late in (False, True):
+        use_forward_params(monkeypatch, late_rescale=late)
+        assert "xla.gpu.triton" not in jax.jit(lambda q: self.attend(
+            q, k, v, is_causal=case.is_causal, **semantics)).lower(
+                q).as_text()
+        results.append([np.asarray(x.astype(jnp.float32)) for x in
+                        self.attend(q, k, v, is_causal=case.is_causal,
+                                    return_residual=True, **semantics)])
+        monkeypatch.undo()
     finally:
       monkeypatch.undo()
       jax.clear_caches()
-    assert not np.isnan(late[0]).any()
-    for first, second in zip(shipped, late):
+    assert not np.isnan(results[1][0]).any()
+    for first, second in zip(*results):
       np.testing.assert_array_equal(first, second)
 
   def test_nondeterministic_backward_with_padding_lengths(self, rng):

@@ -450,21 +450,28 @@ def test_hopper_tile_probe_patches_only_the_forward_and_restores_it(
   probe.use_tile({"block_kv": 192, "stages": 2})
   assert pallas_mosaic_gpu._forward.forward(Params(), 1, 2) == "out"
   assert seen == [(Params(192, 2), (1, 2))]
-  # A schedule named without a rescale threshold gets the backend's for it.
+  # A schedule named without rescale fields gets the backend's for it.
   @dataclasses.dataclass(frozen=True)
   class Wide(Params):
     head_dim: int = 256
+    mask: MaskSpec = MaskSpec()
     ping_pong: bool = True
     rescale_threshold: float | None = None
+    late_rescale: bool = False
 
-  for tile, ping_pong, threshold in (("64x2xN", False, 8.0),
-                                     ("64x2xP", True, None),
-                                     ("64x2xPxL0", True, 0.0)):
+  for head_dim, tile, expected in (
+      (256, "64x2xN", (False, 8.0, False)),
+      (256, "64x2xP", (True, None, False)),
+      (256, "64x2xPxL0", (True, 0.0, False)),
+      (128, "128x2xP", (True, None, True)),
+      (128, "128x2xN", (False, None, False))):
     probe.use_tile(probe.parse_tile(tile))
     seen.clear()
-    pallas_mosaic_gpu._forward.forward(Wide(ping_pong=not ping_pong), 1)
-    assert (seen[0][0].ping_pong, seen[0][0].rescale_threshold) == (
-        ping_pong, threshold), tile
+    pallas_mosaic_gpu._forward.forward(
+        Wide(head_dim=head_dim, ping_pong=not expected[0]), 1)
+    p = seen[0][0]
+    assert (p.ping_pong, p.rescale_threshold, p.late_rescale) == expected, (
+        tile)
   probe.use_tile(None)
   assert pallas_mosaic_gpu._forward.forward is probe.SHIPPED_FORWARD
   monkeypatch.undo()

@@ -26,7 +26,10 @@ returns small grids to the two-consumer forward they also passed. Session
 (every non-float32 head-dim-256 forward, gradient, persistent and segment
 case, the three-consumer tests, among them the reworked
 default-three-consumer test with 4 patched SMs, and
-`test_rescale_threshold_forward_matches_the_reference`) passed on an H100.
+`test_rescale_threshold_forward_matches_the_reference`) passed on an H100,
+and `test_late_rescale_forward_is_bitwise_the_same` (3 cases) showed the
+late rescale (`LATE_RESCALE_HEAD_DIMS`, now the head-dim-128 non-causal
+default) bitwise the same as the rescale before the hand-over.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -173,13 +176,24 @@ THREE_CONSUMERS_MIN_TILES_PER_SM = 8
 # 16 rows per warp the branch rarely skips.
 LAZY_RESCALE_HEAD_DIMS = (64, 256)
 
+# Padded head dims whose ping-pong forward without a causal mask rescales O
+# after handing the tensor cores over (`ForwardParams.late_rescale`; bitwise
+# the same results). H100, session 17, one probe run (B=4 T=4k N=16,
+# forward / cuDNN's): head dim 128 1.020 -> 1.075; causal 1.038 -> 1.027,
+# so not there. Not measured at 64.
+LATE_RESCALE_HEAD_DIMS = (128,)
 
-def rescale_threshold(padded_head_dim: int, ping_pong: bool) -> float | None:
-  """The forward's `ForwardParams.rescale_threshold` for a schedule (see
-  `LAZY_RESCALE_HEAD_DIMS`)."""
-  if padded_head_dim in LAZY_RESCALE_HEAD_DIMS and not ping_pong:
-    return _forward.MAX_RESCALE_THRESHOLD
-  return None
+
+def rescale_fields(padded_head_dim: int, ping_pong: bool,
+                   causal: bool) -> dict:
+  """The forward's `ForwardParams` ``rescale_threshold`` and
+  ``late_rescale`` for a schedule (see `LAZY_RESCALE_HEAD_DIMS` and
+  `LATE_RESCALE_HEAD_DIMS`)."""
+  lazy = padded_head_dim in LAZY_RESCALE_HEAD_DIMS and not ping_pong
+  return dict(
+      rescale_threshold=_forward.MAX_RESCALE_THRESHOLD if lazy else None,
+      late_rescale=(padded_head_dim in LATE_RESCALE_HEAD_DIMS and ping_pong
+                    and not causal))
 
 
 def _ping_pong(config: AttentionConfig, padded_head_dim: int) -> bool:
@@ -269,7 +283,7 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
       stages=FORWARD_STAGES if forward else BACKWARD_STAGES,
       ping_pong=ping_pong, consumers=consumers,
       fused_dq=not config.deterministic, segments=segments,
-      rescale_threshold=rescale_threshold(padded, ping_pong))
+      **rescale_fields(padded, ping_pong, config.mask.is_causal))
 
 
 def _lengths(lengths, batch: int, full: int):

@@ -32,7 +32,9 @@ zeros (those keys are masked by ``kv_len``) and clips stores past it.
 With ``rescale_threshold`` the consumers rescale O lazily
 (FlashAttention-4): a row's running max moves only when a block's exceeds
 it by more than the threshold, and a warp none of whose rows moved skips
-the multiply (`rescale_rows`). The online-softmax update itself is one
+the multiply (`rescale_rows`). With ``late_rescale`` a consumer rescales
+O after handing its softmax over (with ping-pong, after the "softmax
+done" arrival) instead of before. The online-softmax update itself is one
 plain-jnp function, `softmax_block`, which CPU tests also run.
 
 With ``persistent`` (a CTA count) the grid is instead about one CTA per SM,
