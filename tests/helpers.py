@@ -185,17 +185,21 @@ def bias_grad_pair(q, k, v, do, bias, **kwargs):
   return oracle_dbias, pull(do)[0]
 
 
-def use_forward_params(monkeypatch, **fields) -> None:
+def use_forward_params(monkeypatch, derive=None, **fields) -> None:
   """Makes the Hopper backend build its forward's `ForwardParams` with
-  ``fields`` replaced (the backward keeps its own). Clears jit traces (the
-  backend's jitted forward caches by config); `monkeypatch.undo()`
-  restores, after which the caller clears them again."""
+  ``fields`` replaced, then the fields ``derive(params)`` returns, if
+  given (the backward keeps its own). Clears jit traces (the backend's
+  jitted forward caches by config); `monkeypatch.undo()` restores, after
+  which the caller clears them again."""
   from flash_jax.backends import pallas_mosaic_gpu as mosaic
   shipped = mosaic._params
 
   def params(*args, forward, **kwargs):
     p = shipped(*args, forward=forward, **kwargs)
-    return dataclasses.replace(p, **fields) if forward else p
+    if not forward:
+      return p
+    p = dataclasses.replace(p, **fields)
+    return dataclasses.replace(p, **derive(p)) if derive else p
   monkeypatch.setattr(mosaic, "_params", params)
   jax.clear_caches()
 
@@ -206,6 +210,7 @@ def use_three_consumer_forward(monkeypatch, ping_pong: bool) -> None:
   the backend's rescaling for that schedule, as
   `benchmarks/hopper_tile_probe.py`'s ``W3`` tiles do."""
   from flash_jax.backends import pallas_mosaic_gpu as mosaic
-  # At head dim 64 the rule does not depend on the mask.
-  use_forward_params(monkeypatch, consumers=3, ping_pong=ping_pong,
-                     **mosaic.rescale_fields(64, ping_pong, causal=False))
+  use_forward_params(
+      monkeypatch, consumers=3, ping_pong=ping_pong,
+      derive=lambda p: mosaic.rescale_fields(p.head_dim, p.ping_pong,
+                                             p.mask.is_causal))

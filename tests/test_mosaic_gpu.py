@@ -509,11 +509,12 @@ def test_three_consumers_need_tiles_for_every_sm(batch, heads, sm_count,
   assert p.consumers == consumers
 
 
-@pytest.mark.parametrize("head_dim, q_seq, ping_pong, causal, threshold, late", [
+@pytest.mark.parametrize(
+    "head_dim, q_seq, ping_pong, causal, threshold, late", [
     (40, 1000, None, False, None, False),   # two consumers taking turns
     (64, 1000, False, False, 8.0, False),   # two, no turns
     (64, 4096, None, False, 8.0, False),    # three consumers (no turns)
-    (128, 1000, None, False, None, True),   # ping-pong, not causal
+    (128, 1000, None, False, None, False),  # ping-pong: late is a probe option
     (128, 1000, None, True, None, False),   # ping-pong, causal
     (128, 1000, False, False, None, False),
     (200, 1000, None, False, 8.0, False),   # 256 runs no turns
@@ -524,8 +525,9 @@ def test_forward_rescale_rule(head_dim, q_seq, ping_pong, causal, threshold,
   """`LAZY_RESCALE_HEAD_DIMS`: the forward rescales O lazily
   (`ForwardParams.rescale_threshold` at its largest) at padded head dims 64
   and 256 when its consumers do not take turns, else every block;
-  `LATE_RESCALE_HEAD_DIMS`: after the hand-over (``late_rescale``) at 128
-  with ping-pong and no causal mask. Bad thresholds are refused."""
+  `LATE_RESCALE_HEAD_DIMS`: after the hand-over (``late_rescale``) with
+  ping-pong and no causal mask at none yet (the rule itself is checked with
+  128 patched in). Bad thresholds are refused."""
   monkeypatch.setattr(flash_jax.platform, "sm_count", lambda default=132: 2)
   q = jax.ShapeDtypeStruct((1, q_seq, 4, head_dim), jnp.bfloat16)
   small = jnp.ones((1, 16, 1, head_dim), jnp.bfloat16)
@@ -537,6 +539,11 @@ def test_forward_rescale_rule(head_dim, q_seq, ping_pong, causal, threshold,
   assert (p.rescale_threshold, p.late_rescale) == (threshold, late)
   assert mosaic.rescale_fields(p.head_dim, p.ping_pong, causal) == dict(
       rescale_threshold=threshold, late_rescale=late)
+  monkeypatch.setattr(mosaic, "LATE_RESCALE_HEAD_DIMS", (128,))
+  assert mosaic.rescale_fields(p.head_dim, p.ping_pong, causal)[
+      "late_rescale"] == (p.head_dim == 128 and p.ping_pong and not causal)
+  assert not mosaic._params(config, q, q, MaskArrays(),
+                            forward=False).late_rescale
   for bad in (-1.0, mosaic._forward.MAX_RESCALE_THRESHOLD + 1):
     with pytest.raises(ValueError, match="rescale_threshold"):
       dataclasses.replace(p, rescale_threshold=bad)

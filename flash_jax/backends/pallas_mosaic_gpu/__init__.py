@@ -22,14 +22,15 @@ parameterless feature cases). The floor of 8 tiles per SM
 (`THREE_CONSUMERS_MIN_TILES_PER_SM`) came after those runs; it only
 returns small grids to the two-consumer forward they also passed. Session
 17 made the forward rescale O lazily where its consumers do not take turns
-(`LAZY_RESCALE_HEAD_DIMS`); the 29 GPU cases that run those forwards
-(every non-float32 head-dim-256 forward, gradient, persistent and segment
-case, the three-consumer tests, among them the reworked
+(`LAZY_RESCALE_HEAD_DIMS`); 29 GPU cases that run those forwards
+(the non-float32 head-dim-256 forward, gradient, persistent, wide-backward
+and segment cases, the three-consumer tests, among them the reworked
 default-three-consumer test with 4 patched SMs, and
 `test_rescale_threshold_forward_matches_the_reference`) passed on an H100,
 and `test_late_rescale_forward_is_bitwise_the_same` (3 cases) showed the
-late rescale (`LATE_RESCALE_HEAD_DIMS`, now the head-dim-128 non-causal
-default) bitwise the same as the rescale before the hand-over.
+late rescale (`ForwardParams.late_rescale`, a probe option, default off:
+`LATE_RESCALE_HEAD_DIMS`) bitwise the same as the rescale before the
+hand-over.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -163,25 +164,29 @@ THREE_CONSUMERS_MIN_TILES_PER_SM = 8
 
 # Padded head dims whose forward rescales O lazily when its consumers do not
 # take turns (`ForwardParams.rescale_threshold` at its largest, 8: a row's
-# max moves only when a block's exceeds it by 2^8, and warps where no row
-# moved skip the multiply). H100, session 17 (`hopper_tile_probe.py`, B*T
-# = 16k, N*H = 2048, forward / cuDNN's, every block -> lazy):
+# max moves only when a block's exceeds it by more than 8 in log2 units, a
+# factor 2^8, and warps where no row moved skip the multiply). H100,
+# session 17 (`hopper_tile_probe.py`, B*T = 16k, N*H = 2048, forward /
+# cuDNN's, every block -> lazy):
 #   head dim 256: T=4k 1.001 -> 1.026, 4k causal 1.013 -> 1.034, 16k
 #     0.932 -> 0.963 (the rescale was 28% of its instructions, session 16);
 #   64, three consumers: 4k 1.029 -> 1.055.
 # With ping-pong it measured slower: head dim 64 (two consumers) 4k causal
 # 0.974 -> 0.830, B=32 T=512 1.103 -> 0.998, causal 1.076 -> 0.951; 128 4k
 # 1.025 -> 1.020, causal 1.041 -> 1.020. Skipping the multiply only where
-# no row's max moved at all (threshold 0) was slower at 256 (0.941x): with
-# 16 rows per warp the branch rarely skips.
+# no row's max moved at all (threshold 0) was slower at 256 (0.941x),
+# likely because with 16 rows per warp some row moves in most blocks (not
+# counted).
 LAZY_RESCALE_HEAD_DIMS = (64, 256)
 
 # Padded head dims whose ping-pong forward without a causal mask rescales O
 # after handing the tensor cores over (`ForwardParams.late_rescale`; bitwise
-# the same results). H100, session 17, one probe run (B=4 T=4k N=16,
-# forward / cuDNN's): head dim 128 1.020 -> 1.075; causal 1.038 -> 1.027,
-# so not there. Not measured at 64.
-LATE_RESCALE_HEAD_DIMS = (128,)
+# the same results): none yet. H100, session 17, one probe run (B=4 T=4k
+# N=16, forward / cuDNN's): head dim 128 1.020 -> 1.075, causal 1.038 ->
+# 1.027; one run, whose late time (0.862 ms) was no faster than the same
+# session's earlier baseline (0.858 ms), is too little to change a default
+# that no GPU test has run. Not measured at 64.
+LATE_RESCALE_HEAD_DIMS = ()
 
 
 def rescale_fields(padded_head_dim: int, ping_pong: bool,
@@ -283,7 +288,8 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
       stages=FORWARD_STAGES if forward else BACKWARD_STAGES,
       ping_pong=ping_pong, consumers=consumers,
       fused_dq=not config.deterministic, segments=segments,
-      **rescale_fields(padded, ping_pong, config.mask.is_causal))
+      **(rescale_fields(padded, ping_pong, config.mask.is_causal)
+         if forward else {}))
 
 
 def _lengths(lengths, batch: int, full: int):

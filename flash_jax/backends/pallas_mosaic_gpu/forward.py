@@ -234,8 +234,9 @@ def softmax_block(logits, row_max, m_prev, l_prev, *,
   probabilities against ``m_next``, and the factor by which the output
   accumulator (and the sum, already in ``l_next``) must be rescaled.
   ``threshold`` is `ForwardParams.rescale_threshold`; ``masked`` whether
-  rows may have attended nothing yet. Plain jnp: the kernel's consumers
-  and the CPU tests run the same code.
+  a row's max may still be -inf after this block (a block on a mask
+  boundary; a full block attends every row's keys). Plain jnp: the
+  kernel's consumers and the CPU tests run the same code.
   """
   m_next = jnp.maximum(m_prev, row_max)
   if threshold:
@@ -504,7 +505,7 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
           plgpu.barrier_arrive(schedule)      # softmax done
         plgpu.barrier_wait(v_ready.at[slot])
         if p.late_rescale:
-          acc = rescaled(acc)   # while this consumer waits for its turn
+          acc = rescaled(acc)   # after the hand-over, before the turn wait
         if two_way:
           plgpu.barrier_wait(schedule)        # the tensor cores are ours
         elif round_robin:
@@ -522,9 +523,8 @@ def _forward_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs,
           plgpu.layout_cast(jnp.zeros((BLOCK_Q, p.head_dim), jnp.float32),
                             plgpu.Layout.WGMMA),
           plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)),
-          plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1)),
+                            ROW_LAYOUT),
+          plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), ROW_LAYOUT),
       )
       if two_way:
         pl.when(wg == 1)(hand_over)   # the second consumer starts one behind
