@@ -436,11 +436,8 @@ def test_reduction_reserve_is_what_keeps_a_3_stage_h128_forward_out(
   head-dim-128 forward (one CTA per tile), with it the kernel is over the
   limit (`common.REDUCTION_SCRATCH_BYTES`; a probe option, not a default)."""
   from flash_jax.backends.pallas_mosaic_gpu import common
-  from flash_jax.backends import pallas_mosaic_gpu
-  shipped = pallas_mosaic_gpu._forward.forward
-  monkeypatch.setattr(pallas_mosaic_gpu._forward, "forward",
-                      lambda p, *a: shipped(
-                          dataclasses.replace(p, stages=3), *a))
+  from helpers import use_forward_params
+  use_forward_params(monkeypatch, stages=3)
   config = AttentionConfig(
       mask=MaskSpec(is_causal=True), scale=128 ** -0.5,
       implementation="pallas_mosaic_gpu", interpret=False,
