@@ -18,8 +18,8 @@ rows and in one process:
 * cuDNN's forward and forward+backward, whose difference is its backward.
 
 With ``--backward-stages`` the backward parts are timed once per ring depth
-of the backward kernels (the shipped `BACKWARD_STAGES` replaced; the
-forward keeps its own), each part's name carrying the depth.
+of the backward kernels (the shipped rule, `pallas_mosaic_gpu.backward_stages`,
+replaced; the forward keeps its own), each part's name carrying the depth.
 
 TFLOP/s are given both by FlashAttention's count (backward = 2.5x the
 forward's 4*B*N*T*S*H, halved for causal) and by the products each kernel
@@ -46,10 +46,13 @@ ROWS = {
     "4k-causal": harness.Row(4, 4096, 4096, 16, 16, 128, True),
     "16k": harness.Row(1, 16384, 16384, 16, 16, 128, False),
     "16k-causal": harness.Row(1, 16384, 16384, 16, 16, 128, True),
+    "8k": harness.Row(2, 8192, 8192, 16, 16, 128, False),
     "h256": harness.Row(4, 4096, 4096, 8, 8, 256, False),
     "h256-causal": harness.Row(4, 4096, 4096, 8, 8, 256, True),
     "h64": harness.Row(4, 4096, 4096, 32, 32, 64, False),
     "h64-causal": harness.Row(4, 4096, 4096, 32, 32, 64, True),
+    "h64-16k": harness.Row(1, 16384, 16384, 32, 32, 64, False),
+    "h64-512": harness.Row(32, 512, 512, 32, 32, 64, False),
 }
 
 
@@ -95,14 +98,15 @@ SHIPPED_BACKWARD_STAGES = None
 
 
 def use_backward_stages(stages: int | None) -> None:
-  """Makes the Hopper backward kernels' rings ``stages`` deep (None: the
-  shipped depth)."""
+  """Makes the Hopper backward kernels' rings ``stages`` deep for every
+  call (`pallas_mosaic_gpu.backward_stages` replaced; None: the shipped
+  rule)."""
   from flash_jax.backends import pallas_mosaic_gpu as hopper
   global SHIPPED_BACKWARD_STAGES
   if SHIPPED_BACKWARD_STAGES is None:
-    SHIPPED_BACKWARD_STAGES = hopper.BACKWARD_STAGES
-  hopper.BACKWARD_STAGES = (SHIPPED_BACKWARD_STAGES if stages is None
-                            else stages)
+    SHIPPED_BACKWARD_STAGES = hopper.backward_stages
+  hopper.backward_stages = (SHIPPED_BACKWARD_STAGES if stages is None
+                            else lambda *_: stages)
   jax.clear_caches()
 
 

@@ -567,24 +567,30 @@ def test_hopper_tile_probe_grid_order_switch_restores_the_shipped_params():
 
 def test_backward_probe_stage_switch_reaches_only_the_backward_params():
   """`backward_probe.use_backward_stages` sets the backward kernels' ring
-  depth (the forward keeps its own) and None restores the shipped one."""
+  depth for short and long rows alike (the forward keeps its own), and
+  None restores the shipped rule (`pallas_mosaic_gpu.backward_stages`)."""
   from benchmarks import backward_probe as probe
   from flash_jax import api
   from flash_jax.backends import pallas_mosaic_gpu
-  q = jnp.ones((1, 256, 2, 64), jnp.bfloat16)
-  call = api.canonicalize(q, q, q)
-  params = lambda forward: pallas_mosaic_gpu._params(
-      call.config, q, q, call.arrays, forward=forward)
-  shipped = pallas_mosaic_gpu.BACKWARD_STAGES
-  assert params(False).stages == shipped == 2
+
+  def params(q_seq, forward):
+    q = jnp.ones((1, q_seq, 2, 128), jnp.bfloat16)
+    call = api.canonicalize(q, q, q)
+    return pallas_mosaic_gpu._params(call.config, q, q, call.arrays,
+                                     forward=forward)
+  shipped = pallas_mosaic_gpu.backward_stages
+  long_rows = pallas_mosaic_gpu.LONG_BACKWARD_FROM_Q_SEQ
+  assert params(256, False).stages == pallas_mosaic_gpu.BACKWARD_STAGES == 2
+  assert params(long_rows, False).stages == 3
   probe.use_backward_stages(4)
   try:
-    assert params(False).stages == 4
-    assert params(True).stages == pallas_mosaic_gpu.FORWARD_STAGES
+    assert params(256, False).stages == params(long_rows, False).stages == 4
+    assert params(256, True).stages == pallas_mosaic_gpu.FORWARD_STAGES
   finally:
     probe.use_backward_stages(None)
-  assert pallas_mosaic_gpu.BACKWARD_STAGES == shipped
-  assert params(False).stages == shipped
+  assert pallas_mosaic_gpu.backward_stages is shipped
+  assert params(256, False).stages == 2
+  assert params(long_rows, False).stages == 3
 
 
 def test_hopper_tile_probe_once_takes_a_tile(monkeypatch):

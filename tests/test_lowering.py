@@ -344,6 +344,10 @@ MOSAIC_CASES = {
     # (`THREE_CONSUMERS_FROM_Q_SEQ`), with GQA and tails.
     "h64_long_gqa_tails": (1, 2100, 2200, 4, 2, 64, jnp.bfloat16, MaskSpec(),
                            True, None),
+    # Long enough for a 3-stage backward by default
+    # (`LONG_BACKWARD_FROM_Q_SEQ`), with GQA, tails and a soft-cap.
+    "h128_long_gqa_tails_cap": (1, 16400, 16500, 4, 2, 128, jnp.bfloat16,
+                                MaskSpec(), True, 30.0),
 }
 
 

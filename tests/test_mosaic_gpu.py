@@ -443,6 +443,42 @@ def test_forward_and_backward_ring_depths(head_dim, monkeypatch):
   assert (params(True).stages, params(False).stages) == (2, 3)
 
 
+@pytest.mark.parametrize("head_dim, q_seq, kv_seq, semantics, stages", [
+    (128, 16384, 16384, {}, 3),
+    (128, 16384, 16384, dict(deterministic=False), 2),
+    (100, 20000, 333, {}, 3),          # head dim 100 pads to 128
+    (128, 16383, 16384, {}, 2),
+    (128, 4096, 16384, {}, 2),
+    (64, 16384, 16384, {}, 2),
+    (256, 16384, 16384, {}, 2),
+    (128, 16384, 16384, dict(is_causal=True), 2),
+    (128, 16384, 16384, dict(local_window_size=(4096, 4096)), 2),
+    (128, 16384, 16384, dict(local_window_size=(8192, 0)), 2),
+    (128, 16384, 16384, dict(segments=True), 2),
+], ids=str)
+def test_backward_ring_depth_rule(head_dim, q_seq, kv_seq, semantics,
+                                  stages):
+  """Three backward stages only for the deterministic backward of long
+  rows that attend every key, at head dim 128 (`backward_stages`); the
+  forward keeps `FORWARD_STAGES`."""
+  semantics = dict(semantics)
+  deterministic = semantics.pop("deterministic", True)
+  segment_ids = {}
+  if semantics.pop("segments", False):
+    segment_ids = dict(
+        query_segment_ids=jnp.ones((1, q_seq), jnp.int32),
+        kv_segment_ids=jnp.ones((1, kv_seq), jnp.int32))
+  # Shapes are all the rule reads.
+  q = jnp.ones((1, q_seq, 2, head_dim), jnp.bfloat16)
+  k = jnp.ones((1, kv_seq, 2, head_dim), jnp.bfloat16)
+  call = flash_jax.api.canonicalize(q, k, k, **semantics, **segment_ids)
+  config = dataclasses.replace(call.config, deterministic=deterministic)
+  params = lambda forward: mosaic._params(config, q, k, call.arrays,
+                                          forward=forward)
+  assert params(False).stages == stages
+  assert params(True).stages == mosaic.FORWARD_STAGES
+
+
 @pytest.mark.parametrize("head_dim, q_seq, kv_seq, semantics, consumers", [
     (64, 2048, 2048, {}, 3),
     (40, 4096, 512, {}, 3),          # head dim 40 pads to 64

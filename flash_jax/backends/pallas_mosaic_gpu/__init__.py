@@ -30,7 +30,11 @@ default-three-consumer test with 4 patched SMs, and
 and `test_late_rescale_forward_is_bitwise_the_same` (3 cases) showed the
 late rescale (`ForwardParams.late_rescale`, a probe option, default off:
 `LATE_RESCALE_HEAD_DIMS`) bitwise the same as the rescale before the
-hand-over.
+hand-over. Session 18 (on an H200, the card then lent) gave the
+deterministic backward of long head-dim-128 rows that attend every key a
+3-stage ring (`backward_stages`); `test_long_row_backward_matches_the_reference`
+(4 cases, T = 16384-16400, both backwards) passed there, as did the 4
+`deterministic=False` cases of the class.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -140,9 +144,41 @@ FORWARD_STAGES = 2
 # had three until session 16; two measured faster on an H100 in two runs
 # (`backward_probe.py --backward-stages 3,2`, B=4 T=4k N=32): backward 3.850
 # -> 3.719 ms and 3.835 -> 3.691 ms (its dQ kernel 1.684 -> 1.566 and 1.638
-# -> 1.529), causal equal (2.098 -> 2.092). At 128 three fit (they lower for
-# an H100) but were not measured; at 256 they do not fit shared memory.
+# -> 1.529), causal equal (2.098 -> 2.092). At 256 three do not fit shared
+# memory. Long rows at 128 take `LONG_BACKWARD_STAGES`.
 BACKWARD_STAGES = 2
+
+# The backward's ring depth at padded head dim 128 for rows of at least
+# `LONG_BACKWARD_FROM_Q_SEQ` queries that attend every key (no causal
+# mask, window or segment ids). H200, session 18 (`backward_probe.py
+# --backward-stages 2,3`, N=16, B*T = 16k; backward ms, 2 -> 3 stages):
+#   T=16k 12.138 -> 11.562, 11.876 -> 11.355 and 11.876 -> 11.384 (three
+#     runs in two processes; the dK/dV kernel 7.415 -> 6.845, dQ equal);
+#   T=4k 3.026 -> 3.084 and 2.969 -> 3.029, T=8k (B=2) 5.806 -> 5.930;
+#     causal 4k 1.673 -> 1.785, 16k 5.748 -> 6.180: slower, so those keep
+#     two.
+# The fused-dQ backward (``deterministic=False``) measured slower with
+# three (16k 11.478 -> 12.684 ms, 8k 5.772 -> 6.483), so it keeps two;
+# head dim 64 at 16k too (14.464 -> 14.862).
+LONG_BACKWARD_STAGES = 3
+LONG_BACKWARD_FROM_Q_SEQ = 16384
+LONG_BACKWARD_HEAD_DIMS = (128,)
+
+
+def backward_stages(padded_head_dim: int, q_seq: int, spec, segments: bool,
+                    fused_dq: bool) -> int:
+  """The backward kernels' ring depth: `LONG_BACKWARD_STAGES` for the
+  deterministic backward (not ``fused_dq``) of long rows that attend every
+  key (``spec`` a `MaskSpec` with no causal mask or window, no
+  ``segments``) at the head dims where that measured faster, else
+  `BACKWARD_STAGES`."""
+  full_rows = not (spec.is_causal or segments
+                   or spec.window_left is not None
+                   or spec.window_right is not None)
+  if (padded_head_dim in LONG_BACKWARD_HEAD_DIMS and full_rows
+      and not fused_dq and q_seq >= LONG_BACKWARD_FROM_Q_SEQ):
+    return LONG_BACKWARD_STAGES
+  return BACKWARD_STAGES
 
 # The head-dim-64 forward runs three consumer warpgroups (192 query rows per
 # CTA, `ForwardParams.consumers`; ping-pong off: their round-robin turns
@@ -285,7 +321,9 @@ def _params(config: AttentionConfig, query, key, arrays, *, forward: bool):
       num_kv_heads=key.shape[2], head_dim=padded, dtype=query.dtype,
       mask=config.mask, scale=config.scale,
       logits_soft_cap=config.logits_soft_cap, block_kv=block_kv,
-      stages=FORWARD_STAGES if forward else BACKWARD_STAGES,
+      stages=(FORWARD_STAGES if forward else
+              backward_stages(padded, q_seq, config.mask, segments,
+                              not config.deterministic)),
       ping_pong=ping_pong, consumers=consumers,
       fused_dq=not config.deterministic, segments=segments,
       **(rescale_fields(padded, ping_pong, config.mask.is_causal)
