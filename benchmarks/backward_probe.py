@@ -150,7 +150,7 @@ def main():
   parser.add_argument("--rows", default="4k,4k-causal,16k,16k-causal")
   parser.add_argument("--backward-stages", default="",
                       help="ring depths of the backward kernels to time, "
-                      "e.g. 3,2 (default: the shipped depth only)")
+                      "e.g. 3,2 (default: the shipped rule only)")
   args = parser.parse_args()
   depths = [int(d) for d in args.backward_stages.split(",") if d]
   for name in args.rows.split(","):

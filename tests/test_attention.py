@@ -174,9 +174,9 @@ class TestPallasMosaicGpu(AttentionTestBase):
     cannot silently run another depth): the Mosaic kernels run, the
     gradients meet the 2x/3x rule with no NaN and repeat bitwise if
     deterministic. Two (batch, head) pairs each, so the
-    float64 oracle's [B, N, T, S] arrays stay within 4 GiB (a third case
-    of 16k x 16k keys ran out of an H200's memory in the oracle beside
-    two other such tests)."""
+    float64 oracle's [B, N, T, S] arrays are about 4 GiB (a third case of
+    16k x 16k keys ran out of an H200's memory in the oracle beside two
+    other such tests; these passed with two pytest workers)."""
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -431,8 +431,8 @@ def test_backward_kernels_refuse_three_consumer_params():
 @pytest.mark.parametrize("head_dim", [40, 64, 128, 200])
 def test_forward_and_backward_ring_depths(head_dim, monkeypatch):
   """The forward's K/V ring has `FORWARD_STAGES` slots at every head dim
-  and the backward's rings `BACKWARD_STAGES`, each read on its own, so a
-  forward-only tuning cannot move the backward kernels."""
+  and the backward's rings, for short rows, `BACKWARD_STAGES`, each read on
+  its own, so a forward-only tuning cannot move the backward kernels."""
   q = jnp.ones((1, 256, 2, head_dim), jnp.bfloat16)
   call = flash_jax.api.canonicalize(q, q, q)
   params = lambda forward: mosaic._params(call.config, q, q, call.arrays,

@@ -34,7 +34,7 @@ hand-over. Session 18 (on an H200, the card then lent) gave the
 deterministic backward of long head-dim-128 rows that attend every key a
 3-stage ring (`backward_stages`); `test_long_row_backward_matches_the_reference`
 (4 cases, T = 16384-16400, both backwards) passed there, as did the 4
-`deterministic=False` cases of the class.
+cases of `test_nondeterministic_backward_matches_reference`.
 
 With ``AttentionConfig.deterministic`` False the backward is one kernel
 that reduce-adds dQ (see `flash_jax.backends.pallas_mosaic_gpu.backward`;
@@ -159,7 +159,9 @@ BACKWARD_STAGES = 2
 #     two.
 # The fused-dQ backward (``deterministic=False``) measured slower with
 # three (16k 11.478 -> 12.684 ms, 8k 5.772 -> 6.483), so it keeps two;
-# head dim 64 at 16k too (14.464 -> 14.862).
+# head dim 64 at 16k (N=32) too (14.464 -> 14.862). Only B=1 N=16 T=16k
+# gained, on an H200: longer rows, other batch and head counts, GQA and
+# the H100 were not measured. The length is the unpadded query length.
 LONG_BACKWARD_STAGES = 3
 LONG_BACKWARD_FROM_Q_SEQ = 16384
 LONG_BACKWARD_HEAD_DIMS = (128,)
