@@ -2,6 +2,8 @@
 
     python benchmarks/backward_probe.py [--rows 4k,4k-causal,16k,16k-causal]
         [--backward-stages 3,2]
+    ncu ... python benchmarks/backward_probe.py --once ROW [--part fused]
+        [--backward-stages 3]
 
 The Hopper backend's backward is two kernels with no atomics (see
 `flash_jax.backends.pallas_mosaic_gpu.backward`): dK/dV recomputes the
@@ -20,6 +22,13 @@ rows and in one process:
 With ``--backward-stages`` the backward parts are timed once per ring depth
 of the backward kernels (the shipped rule, `pallas_mosaic_gpu.backward_stages`,
 replaced; the forward keeps its own), each part's name carrying the depth.
+
+``--once ROW`` runs one backward part of a row three times and exits: a
+program for Nsight Compute (`scripts/ncu_backward.sh`). ``--part``
+picks it: ``backward`` (the shipped deterministic kernels, the default),
+``fused`` (``deterministic=False``) or ``cudnn`` (cuDNN's forward and
+backward); ``--backward-stages`` with one depth sets the Hopper kernels'
+ring depth.
 
 TFLOP/s are given both by FlashAttention's count (backward = 2.5x the
 forward's 4*B*N*T*S*H, halved for causal) and by the products each kernel
@@ -139,6 +148,30 @@ def _time_hopper_parts(row, inputs, depths) -> dict:
   return times
 
 
+def once(row_name: str, part: str = "backward",
+         stages: int | None = None) -> None:
+  """Runs one backward part of row ``row_name`` three times (see the
+  module docstring's ``--once``); the first call compiles. The Hopper
+  parts are called on a forward's outputs computed first, so in a profile
+  the backward kernels (`pallas_mosaic_gpu.backward.KERNEL_NAMES`) of
+  the later calls stand alone."""
+  row = ROWS[row_name]
+  inputs = harness.draw(row)
+  if part == "cudnn":
+    fn = harness.forward_backward_fn(
+        harness.IMPLEMENTATIONS["cudnn"](row, inputs))
+    args = (inputs.q, inputs.k, inputs.v, inputs.do)
+  else:
+    use_backward_stages(stages)
+    parts = _hopper_parts(row, inputs)
+    fn, args = parts[{"backward": "backward",
+                      "fused": "backward, fused dQ"}[part]]
+  for _ in range(3):
+    jax.block_until_ready(fn(*args))
+  if part != "cudnn":
+    use_backward_stages(None)
+
+
 def _without_depth(part: str) -> str:
   """``"backward, 2 stages"`` -> ``"backward"`` (`_time_hopper_parts`'s
   suffix); other names as they are."""
@@ -151,8 +184,19 @@ def main():
   parser.add_argument("--backward-stages", default="",
                       help="ring depths of the backward kernels to time, "
                       "e.g. 3,2 (default: the shipped rule only)")
+  parser.add_argument("--once", metavar="ROW",
+                      help="run one backward part of ROW three times "
+                      "(for a profiler) and exit")
+  parser.add_argument("--part", default="backward",
+                      choices=("backward", "fused", "cudnn"),
+                      help="with --once: the part run")
   args = parser.parse_args()
   depths = [int(d) for d in args.backward_stages.split(",") if d]
+  if args.once:
+    if len(depths) > 1:
+      parser.error("--once takes at most one --backward-stages depth")
+    once(args.once, args.part, depths[0] if depths else None)
+    return
   for name in args.rows.split(","):
     row = ROWS[name]
     inputs = harness.draw(row)

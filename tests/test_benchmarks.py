@@ -609,6 +609,27 @@ def test_hopper_tile_probe_once_takes_a_tile(monkeypatch):
                   ("4096/64", "cudnn", None)]
 
 
+def test_backward_probe_once_takes_a_part_and_one_depth(monkeypatch):
+  """``--once ROW --part P --backward-stages N`` (what
+  scripts/ncu_backward.sh passes for ``ROW:N`` and ``ROW@P``) runs that
+  part of that row at that depth; two depths are a usage error."""
+  from benchmarks import backward_probe as probe
+  seen = []
+  monkeypatch.setattr(probe, "once", lambda *args: seen.append(args))
+  for argv in (["--once", "16k", "--backward-stages", "3"],
+               ["--once", "4k", "--part", "fused"],
+               ["--once", "h256", "--part", "cudnn"]):
+    monkeypatch.setattr(sys, "argv", ["probe", *argv])
+    probe.main()
+  assert seen == [("16k", "backward", 3), ("4k", "fused", None),
+                  ("h256", "cudnn", None)]
+  monkeypatch.setattr(sys, "argv", ["probe", "--once", "16k",
+                                    "--backward-stages", "2,3"])
+  with pytest.raises(SystemExit):
+    probe.main()
+  assert len(seen) == 3
+
+
 def test_sparse_probe_modes_go_through_argparse():
   """The probe's modes are parsed by argparse: tiles as 4-tuples, one mode
   at a time, ``--once`` defaulting to the forward."""

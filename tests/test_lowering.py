@@ -402,6 +402,36 @@ def test_mosaic_gpu_kernels_lower_for_h100(name, ping_pong, deterministic,
     assert (mosaic_kernels, triton_kernels, aliased) == (2, 0, True)
 
 
+@pytest.mark.parametrize("head_dim, deterministic, kernels", [
+    (128, True, ("forward", "dkv", "dq")),
+    (64, False, ("forward", "dkv_dq")),
+    (256, True, ("forward", "wide_dkv", "wide_dq")),
+])
+def test_mosaic_gpu_kernels_carry_their_names(head_dim, deterministic,
+                                              kernels):
+  """Each Hopper kernel is named (``flash_jax_mosaic_<role>``), so that
+  profiles can pick it out (Nsight Compute's ``-k``); none is left
+  "anonymous", Pallas' name for a kernel body without one."""
+  from flash_jax.backends import pallas_mosaic_gpu as mosaic
+  names = {"forward": mosaic._forward.KERNEL_NAME,
+           **mosaic._backward.KERNEL_NAMES,
+           **{f"wide_{role}": name
+              for role, name in mosaic._backward_wide.KERNEL_NAMES.items()}}
+  assert len(set(names.values())) == len(names)
+  config = AttentionConfig(
+      mask=MaskSpec(is_causal=True), scale=head_dim ** -0.5,
+      implementation="pallas_mosaic_gpu", interpret=False,
+      deterministic=deterministic)
+  q, k, v = _structs(1, 300, 333, 2, 1, head_dim, head_dim, jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(flash_attention(
+      config, q, k, v, None, MaskArrays())[0].astype(jnp.float32))
+  text = lower_for_h100(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  assert text.count(f"custom_call @{MOSAIC_CALL}") == len(kernels)
+  for role, name in names.items():
+    assert (name + "_mosaic_gpu" in text) == (role in kernels), role
+  assert "anonymous" not in text
+
+
 @pytest.mark.parametrize("head_dim, fields", [
     (64, dict(rescale_threshold=8.0)),       # lazy with ping-pong
     (128, dict(rescale_threshold=0.0)),

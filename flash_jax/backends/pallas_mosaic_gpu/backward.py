@@ -59,6 +59,12 @@ from flash_jax.sharding import varying_like
 
 BLOCK = BLOCK_Q       # rows per consumer warpgroup, and streamed block rows
 
+# The kernels' names in profiles (Nsight Compute's ``-k``): dK/dV, the
+# fused dK/dV/dQ kernel of ``fused_dq``, and dQ.
+KERNEL_NAMES = {"dkv": "flash_jax_mosaic_dkv",
+                "dkv_dq": "flash_jax_mosaic_dkv_dq",
+                "dq": "flash_jax_mosaic_dq"}
+
 
 def _smem(p: ForwardParams, *shape):
   transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -540,6 +546,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
                              jax.ShapeDtypeStruct(value.shape, value.dtype)],
                             *operands),
       scratch_types=dkv_scratch,
+      kernel_name=KERNEL_NAMES["dkv_dq" if p.fused_dq else "dkv"],
       **_dkv_grid(p),
   )(*dkv_operands)
   if p.fused_dq:
@@ -563,6 +570,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # K free
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # V free
       ] + common.ids_scratch(p, BLOCK),
+      kernel_name=KERNEL_NAMES["dq"],
       **common.sequence_major_grid(p, p.num_q_tiles, "q", p.num_heads),
   )(*operands, *dq_segments)
   return dq, dk, dv

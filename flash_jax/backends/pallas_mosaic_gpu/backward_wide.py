@@ -66,6 +66,10 @@ def list_tiles(p: ForwardParams) -> dict:
 
 SCORES, GRADIENTS = 0, 1   # the consumer warpgroups' roles
 
+# The kernels' names in profiles (Nsight Compute's ``-k``).
+KERNEL_NAMES = {"dkv": "flash_jax_mosaic_wide_dkv",
+                "dq": "flash_jax_mosaic_wide_dq"}
+
 
 def _hand_over(t, tile, buffer, ready, free):
   """The scores consumer's side of the hand-over of step ``t``'s tile."""
@@ -375,6 +379,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),  # free
           *hand_over_scratch(),                        # P^T
       ] + common.ids_scratch(p, BLOCK),
+      kernel_name=KERNEL_NAMES["dkv"],
       **common.sequence_major_grid(p, pl.cdiv(p.kv_seq, BLOCK), "kv",
                                    p.num_kv_heads),
   )(*operands, *dkv_segments)
@@ -396,6 +401,7 @@ def backward(p: ForwardParams, query, key, value, dout, lse, delta, q_lengths,
           plgpu.Barrier(num_barriers=stages),          # V free (dP only)
           *hand_over_scratch(),                        # P
       ] + common.ids_scratch(p, BLOCK),
+      kernel_name=KERNEL_NAMES["dq"],
       **common.sequence_major_grid(p, _num_q_tiles(p), "q", p.num_heads),
   )(*operands, *dq_segments)
   return dq, dk, dv

@@ -86,6 +86,9 @@ from flash_jax.masks import MaskSpec, heavy_first
 from flash_jax.sharding import varying_like
 
 LOG2_E = math.log2(math.e)
+# The kernel's name in profiles (Nsight Compute's ``-k``), beside the
+# backward's `backward.KERNEL_NAMES`.
+KERNEL_NAME = "flash_jax_mosaic_forward"
 LN_2 = math.log(2.0)
 BLOCK_Q = 64          # query rows per consumer warpgroup
 CONSUMERS = 2         # consumer warpgroups (the backward kernels' count)
@@ -615,6 +618,7 @@ def forward(p: ForwardParams, query, key, value, q_lengths, kv_lengths,
       **_grid(p),
       num_threads=p.consumers + 1,
       thread_name="wg",
+      kernel_name=KERNEL_NAME,
       compiler_params=common.compiler_params(),
   )(*operands)
   return out, lse[:, :, :p.q_seq]
