@@ -86,10 +86,10 @@ from flash_jax.masks import MaskSpec, heavy_first
 from flash_jax.sharding import varying_like
 
 LOG2_E = math.log2(math.e)
+LN_2 = math.log(2.0)
 # The kernel's name in profiles (Nsight Compute's ``-k``), beside the
 # backward's `backward.KERNEL_NAMES`.
 KERNEL_NAME = "flash_jax_mosaic_forward"
-LN_2 = math.log(2.0)
 BLOCK_Q = 64          # query rows per consumer warpgroup
 CONSUMERS = 2         # consumer warpgroups (the backward kernels' count)
 PRODUCER = CONSUMERS  # warpgroup index of the TMA producer (backward)
